@@ -1,0 +1,80 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg_pool
+from flask import Flask, current_app
+from werkzeug.exceptions import HTTPException
+
+from asyncproc.cache import ResultCache
+from asyncproc.config import Settings
+from asyncproc.db import open_pool
+from asyncproc.errors import AsyncprocError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: psycopg_pool.ConnectionPool
+    cache: ResultCache
+
+
+def resources() -> Resources:
+    return current_app.extensions["asyncproc"]
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API. Call it in each process after fork: it opens the pool."""
+    settings = settings or Settings.from_env()
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set (asyncproc up sets it for the embedded database)")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["asyncproc"] = Resources(
+        settings=settings,
+        pool=open_pool(settings, "asyncproc-api", settings.api_threads),
+        cache=ResultCache(settings.redis_url, settings.result_ttl_seconds),
+    )
+
+    from asyncproc.api import routes
+
+    routes.init_app(app)
+    app.register_error_handler(AsyncprocError, _asyncproc_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def _asyncproc_error(error: AsyncprocError):
+    level = logging.ERROR if error.status >= 500 and error.status != 503 else logging.WARNING
+    log.log(level, "%s %s: %s", error.status, error.code, error.message)
+    return error.to_dict(), error.status
+
+
+def _http_error(error: HTTPException):
+    status = error.code or 500
+    log.warning("%s %s", status, error.name)
+    body = {"error": {"code": _HTTP_CODES.get(status, "http_error"), "message": error.description}}
+    response = error.get_response()
+    response.data = current_app.json.dumps(body)
+    response.content_type = "application/json"
+    return response
+
+
+def _unexpected_error(error: Exception):
+    log.exception("unexpected error")
+    return {"error": {"code": "internal_error", "message": "Internal error"}}, 500

@@ -1,0 +1,165 @@
+"""Turning a request into a NewTask, or into a 4xx that says what is wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from asyncproc.errors import InvalidRequest, MalformedBody, TaskNotFound
+from asyncproc.ledger import NewTask
+
+DEFAULT_OPERATION = "compute"
+OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,255}$")
+TOP_LEVEL_FIELDS = frozenset({"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts"})
+MAX_DEPTH = 32
+PRIORITY_LIMIT = 1_000_000
+MAX_DELAY_SECONDS = 366 * 86400
+
+
+def parse_json_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise MalformedBody("The request body is empty; send a JSON object")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise MalformedBody("The JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"The request body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def check_storable(value: Any, path: str, depth: int = 0) -> None:
+    """Reject what PostgreSQL's jsonb cannot store exactly as sent."""
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(f"{path} is nested deeper than {MAX_DEPTH} levels", [{"field": path}])
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest(f"{path} contains a NUL character", [{"field": path}])
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{path} contains an unpaired surrogate", [{"field": path}]) from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{path} is not a finite number", [{"field": path}])
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, f"{path} key", depth + 1)
+            check_storable(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_storable(item, f"{path}[{index}]", depth + 1)
+
+
+def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(
+            f"{name} must be an integer from {low} to {high}", [{"field": name}]
+        )
+    return value
+
+
+def _run_at(body: dict[str, Any], now: datetime) -> datetime | None:
+    if "run_at" in body and "delay_seconds" in body:
+        raise InvalidRequest("Send run_at or delay_seconds, not both", [{"field": "run_at"}])
+    if "delay_seconds" in body:
+        delay = body["delay_seconds"]
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_SECONDS:
+            raise InvalidRequest(
+                f"delay_seconds must be a number from 0 to {MAX_DELAY_SECONDS}",
+                [{"field": "delay_seconds"}],
+            )
+        return now + timedelta(seconds=delay)
+    if "run_at" in body:
+        value = body["run_at"]
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest(
+                "run_at must be an ISO 8601 timestamp, for example 2030-01-01T12:00:00Z",
+                [{"field": "run_at"}],
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        if not datetime(1970, 1, 1, tzinfo=timezone.utc) <= moment <= now + timedelta(seconds=MAX_DELAY_SECONDS):
+            raise InvalidRequest("run_at is out of range", [{"field": "run_at"}])
+        return moment
+    return None
+
+
+def _operation(body: dict[str, Any], data: dict[str, Any]) -> str:
+    inner = data.get("operation")
+    outer = body.get("operation")
+    if inner is not None and outer is not None and inner != outer:
+        raise InvalidRequest(
+            "operation is given twice with different values", [{"field": "operation"}]
+        )
+    operation = inner if inner is not None else outer if outer is not None else DEFAULT_OPERATION
+    if not isinstance(operation, str) or not OPERATION_PATTERN.match(operation):
+        raise InvalidRequest(
+            "operation must be 1-100 characters of letters, digits, '_', '.', ':' or '-'",
+            [{"field": "operation"}],
+        )
+    return operation
+
+
+def new_task(
+    body: Any,
+    *,
+    default_max_attempts: int,
+    idempotency_key: str | None,
+    request_id: str | None,
+) -> NewTask:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The JSON body must be an object")
+    unknown = sorted(set(body) - TOP_LEVEL_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            "Unknown fields: " + ", ".join(unknown),
+            [{"field": name, "problem": "unknown field"} for name in unknown],
+        )
+    data = body.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidRequest("data must be a JSON object", [{"field": "data"}])
+    check_storable(data, "data")
+    operation = _operation(body, data)
+    payload = {key: value for key, value in data.items() if key != "operation"}
+    return NewTask(
+        operation=operation,
+        payload=payload,
+        max_attempts=_integer(body, "max_attempts", default_max_attempts, 1, 100),
+        priority=_integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT),
+        run_at=_run_at(body, datetime.now(timezone.utc)),
+        idempotency_key=idempotency_key,
+        request_id=request_id,
+    )
+
+
+def header_token(value: str | None, name: str) -> str | None:
+    """A header such as Idempotency-Key: printable ASCII, at most 255 characters."""
+    if value is None:
+        return None
+    if not HEADER_VALUE.match(value):
+        raise InvalidRequest(
+            f"{name} must be 1-255 printable ASCII characters without spaces", [{"field": name}]
+        )
+    return value
+
+
+def task_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise TaskNotFound(f"No task with id {value[:100]!r}") from None

@@ -1,0 +1,103 @@
+"""The Redis cache of finished results. It never raises to its callers.
+
+Redis is only an accelerator: when it is unset, down or empty every read misses
+and callers fall back to PostgreSQL. After a failure the cache stays off for a
+short cool-down, so an outage costs one timeout per second, not one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from uuid import UUID
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "asyncproc:result:"
+COOL_DOWN_SECONDS = 1.0
+
+
+class ResultCache:
+    def __init__(self, redis_url: str | None, ttl_seconds: int, socket_timeout: float = 0.25):
+        self.ttl_seconds = ttl_seconds
+        self._client: redis.Redis | None = None
+        self._down_until = 0.0
+        self._down = False
+        self._lock = threading.Lock()
+        if redis_url is None:
+            log.info("REDIS_URL is not set: the results cache is off")
+            return
+        self._client = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _available(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + COOL_DOWN_SECONDS
+            if not self._down:
+                self._down = True
+                log.warning("results cache unavailable (%s: %s); serving from PostgreSQL", action, exc)
+
+    def _succeeded(self) -> None:
+        if self._down:
+            with self._lock:
+                if self._down:
+                    self._down = False
+                    log.info("results cache is back")
+
+    def get(self, task_id: UUID) -> bytes | None:
+        if not self._available():
+            return None
+        try:
+            value = self._client.get(KEY_PREFIX + str(task_id))
+        except redis.RedisError as exc:
+            self._failed("get", exc)
+            return None
+        self._succeeded()
+        return value
+
+    def put(self, task_id: UUID, document: bytes) -> None:
+        if not self._available():
+            return
+        try:
+            self._client.set(KEY_PREFIX + str(task_id), document, ex=self.ttl_seconds)
+        except redis.RedisError as exc:
+            self._failed("put", exc)
+            return
+        self._succeeded()
+
+    def invalidate(self, task_id: UUID) -> None:
+        if not self._available():
+            return
+        try:
+            self._client.delete(KEY_PREFIX + str(task_id))
+        except redis.RedisError as exc:
+            self._failed("invalidate", exc)
+            return
+        self._succeeded()
+
+    def ping(self) -> str:
+        """'ok', 'down' or 'disabled', for /health."""
+        if self._client is None:
+            return "disabled"
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            self._failed("ping", exc)
+            return "down"
+        self._succeeded()
+        return "ok"

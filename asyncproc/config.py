@@ -1,0 +1,185 @@
+"""Settings.from_env(): the only place that reads os.environ.
+
+Every variable is validated at start-up; a bad value raises ConfigError naming
+the variable, which the CLI prints as one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from asyncproc.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class SecondsRange:
+    """A fixed duration ("3") or a uniform random one ("5-10")."""
+
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    bind: str = "127.0.0.1:8000"
+    log_level: str = "INFO"
+    data_dir: Path = PROJECT_ROOT / ".asyncproc"
+    migrations_dir: Path = PROJECT_ROOT / "migrations"
+    operations_module: str | None = None
+    api_workers: int = 2
+    api_threads: int = 8
+    max_body_bytes: int = 1024 * 1024
+    db_pool_size: int = 8
+    db_connect_timeout: float = 5.0
+    worker_concurrency: int = 10
+    worker_poll_seconds: float = 1.0
+    shutdown_grace_seconds: float = 30.0
+    stalled_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 300.0
+    default_max_attempts: int = 3
+    result_ttl_seconds: int = 3600
+    compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        default = cls()
+        return cls(
+            database_url=reader.text("DATABASE_URL", None),
+            redis_url=reader.text("REDIS_URL", None),
+            bind=reader.bind("ASYNCPROC_BIND", default.bind),
+            log_level=reader.choice(
+                "ASYNCPROC_LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))),
+            migrations_dir=Path(
+                reader.text("ASYNCPROC_MIGRATIONS_DIR", str(default.migrations_dir))
+            ),
+            operations_module=reader.text("ASYNCPROC_OPERATIONS_MODULE", None),
+            api_workers=reader.integer("ASYNCPROC_API_WORKERS", default.api_workers, 1, 64),
+            api_threads=reader.integer("ASYNCPROC_API_THREADS", default.api_threads, 1, 256),
+            max_body_bytes=reader.integer(
+                "ASYNCPROC_MAX_BODY_BYTES", default.max_body_bytes, 1024, 1 << 30
+            ),
+            db_pool_size=reader.integer("ASYNCPROC_DB_POOL_SIZE", default.db_pool_size, 1, 500),
+            db_connect_timeout=reader.number(
+                "ASYNCPROC_DB_CONNECT_TIMEOUT", default.db_connect_timeout, 1, 300
+            ),
+            worker_concurrency=reader.integer(
+                "ASYNCPROC_WORKER_CONCURRENCY", default.worker_concurrency, 1, 1000
+            ),
+            worker_poll_seconds=reader.number(
+                "ASYNCPROC_WORKER_POLL_SECONDS", default.worker_poll_seconds, 0.05, 60
+            ),
+            shutdown_grace_seconds=reader.number(
+                "ASYNCPROC_SHUTDOWN_GRACE_SECONDS", default.shutdown_grace_seconds, 0, 86400
+            ),
+            stalled_seconds=reader.number(
+                "ASYNCPROC_STALLED_SECONDS", default.stalled_seconds, 1, 86400
+            ),
+            heartbeat_seconds=reader.number(
+                "ASYNCPROC_HEARTBEAT_SECONDS", default.heartbeat_seconds, 0.1, 3600
+            ),
+            retry_backoff_seconds=reader.number(
+                "ASYNCPROC_RETRY_BACKOFF_SECONDS", default.retry_backoff_seconds, 0, 3600
+            ),
+            retry_backoff_max_seconds=reader.number(
+                "ASYNCPROC_RETRY_BACKOFF_MAX_SECONDS", default.retry_backoff_max_seconds, 0, 86400
+            ),
+            default_max_attempts=reader.integer(
+                "ASYNCPROC_MAX_ATTEMPTS", default.default_max_attempts, 1, 100
+            ),
+            result_ttl_seconds=reader.integer(
+                "ASYNCPROC_RESULT_TTL_SECONDS", default.result_ttl_seconds, 1, 30 * 86400
+            ),
+            compute_seconds=reader.seconds_range(
+                "ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds
+            ),
+        )
+
+    def with_database(self, database_url: str) -> "Settings":
+        return replace(self, database_url=database_url)
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str | None) -> str | None:
+        value = self._raw(name)
+        return default if value is None else value
+
+    def _parse(self, name: str, default, parse: Callable[[str], object], expected: str):
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is invalid: expected {expected}") from None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        def parse(value: str) -> int:
+            number = int(value)
+            if not low <= number <= high:
+                raise ValueError
+            return number
+
+        return self._parse(name, default, parse, f"an integer from {low} to {high}")
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        def parse(value: str) -> float:
+            number = float(value)
+            if not low <= number <= high:
+                raise ValueError
+            return number
+
+        return self._parse(name, default, parse, f"a number from {low:g} to {high:g}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def parse(value: str) -> str:
+            if value.upper() not in choices:
+                raise ValueError
+            return value.upper()
+
+        return self._parse(name, default, parse, "one of " + ", ".join(choices))
+
+    def bind(self, name: str, default: str) -> str:
+        def parse(value: str) -> str:
+            match = re.fullmatch(r"(.+):(\d{1,5})", value)
+            if not match or not 0 < int(match.group(2)) < 65536:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, parse, "HOST:PORT, for example 127.0.0.1:8000")
+
+    def seconds_range(self, name: str, default: SecondsRange) -> SecondsRange:
+        def parse(value: str) -> SecondsRange:
+            low, _, high = value.partition("-")
+            first = float(low)
+            second = float(high) if high else first
+            if not 0 <= first <= second <= 3600:
+                raise ValueError
+            return SecondsRange(first, second)
+
+        return self._parse(name, default, parse, "seconds, or a range such as 5-10")

@@ -1,0 +1,144 @@
+"""Connections, the named-query loader for sql/*.sql, and database error translation.
+
+Each process opens its own pool after fork. Every connection has TCP keepalives
+and a TCP user timeout so that a silently cut connection is noticed in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import select
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+
+from asyncproc.config import Settings
+from asyncproc.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).with_name("sql")
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """All named queries: each block of sql/*.sql that starts with `-- name: x`."""
+    found: dict[str, str] = {}
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        parts = _NAME_LINE.split(path.read_text())
+        for name, body in zip(parts[1::2], parts[2::2]):
+            if name in found:
+                raise RuntimeError(f"query {name} is defined twice ({path.name})")
+            found[name] = body.strip()
+    return found
+
+
+def query(name: str) -> str:
+    return queries()[name]
+
+
+def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
+    return {
+        "application_name": application_name,
+        "connect_timeout": max(1, round(settings.db_connect_timeout)),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        # Unacknowledged data on a half-open connection fails after this long,
+        # where the kernel default would wait for many minutes.
+        "tcp_user_timeout": 15000,
+        "row_factory": dict_row,
+    }
+
+
+def _autocommit(conn: psycopg.Connection[Any]) -> None:
+    conn.autocommit = True
+
+
+async def _autocommit_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.set_autocommit(True)
+
+
+def _socket_has_data(conn: psycopg.BaseConnection[Any]) -> bool:
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return bool(readable)
+
+
+def _check_idle_connection(conn: psycopg.Connection[Any]) -> None:
+    """Pool check that costs no round trip for a healthy idle connection.
+
+    An idle connection receives nothing unless the server closed it or sent an
+    error, so only a readable socket earns a real test query.
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    if _socket_has_data(conn):
+        conn.execute("SELECT 1")
+
+
+async def _check_idle_connection_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    if _socket_has_data(conn):
+        await conn.execute("SELECT 1")
+
+
+def open_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.ConnectionPool:
+    """A sync pool that opens in the background: start-up never waits for the database."""
+    pool = psycopg_pool.ConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        kwargs=connect_kwargs(settings, application_name),
+        timeout=settings.db_connect_timeout,
+        reconnect_timeout=0,
+        check=_check_idle_connection,
+        configure=_autocommit,
+        open=False,
+        name=application_name,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def async_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.AsyncConnectionPool:
+    """An unopened async pool; the caller opens it inside its event loop."""
+    return psycopg_pool.AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        kwargs=connect_kwargs(settings, application_name),
+        timeout=settings.db_connect_timeout,
+        reconnect_timeout=0,
+        check=_check_idle_connection_async,
+        configure=_autocommit_async,
+        open=False,
+        name=application_name,
+    )
+
+
+def connect(database_url: str, settings: Settings | None = None, application_name: str = "asyncproc") -> psycopg.Connection[Any]:
+    """One standalone connection, for the CLI, migrations and tests."""
+    kwargs = connect_kwargs(settings or Settings(), application_name)
+    return psycopg.connect(database_url, autocommit=True, **kwargs)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """The one place where database failures become asyncproc errors."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+        log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
+        raise DatabaseUnavailable("The database is unavailable; try again shortly") from exc

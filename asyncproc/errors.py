@@ -1,0 +1,55 @@
+"""The few named errors of asyncproc, each with a stable code and an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad environment variable; the message names it."""
+
+
+class AsyncprocError(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+
+class InvalidRequest(AsyncprocError):
+    code = "invalid_request"
+    status = 422
+
+
+class MalformedBody(AsyncprocError):
+    code = "malformed_body"
+    status = 400
+
+
+class UnsupportedMediaType(AsyncprocError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class TaskNotFound(AsyncprocError):
+    code = "task_not_found"
+    status = 404
+
+
+class Conflict(AsyncprocError):
+    code = "conflict"
+    status = 409
+
+
+class DatabaseUnavailable(AsyncprocError):
+    code = "database_unavailable"
+    status = 503

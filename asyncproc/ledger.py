@@ -1,0 +1,131 @@
+"""One function per named query on the tasks table, typed rows in and out.
+
+The API is synchronous and the worker asynchronous; each query exists only in
+the flavour its caller needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from asyncproc.db import query
+
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: UUID
+    operation: str
+    payload: dict[str, Any]
+    status: str
+    result: Any
+    error_message: str | None
+    attempts: int
+    max_attempts: int
+    priority: int
+    progress: int | None
+    created_at: datetime
+    scheduled_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+    idempotency_key: str | None
+    request_id: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    operation: str
+    payload: dict[str, Any]
+    max_attempts: int
+    priority: int = 0
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+    request_id: str | None = None
+
+
+def _task(row: dict[str, Any] | None) -> Task | None:
+    return None if row is None else Task(**row)
+
+
+def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
+    """Insert a task, or return None when its idempotency key is already taken."""
+    row = conn.execute(
+        query("task_insert"),
+        {
+            "operation": new.operation,
+            "payload": Jsonb(new.payload),
+            "max_attempts": new.max_attempts,
+            "priority": new.priority,
+            "run_at": new.run_at,
+            "idempotency_key": new.idempotency_key,
+            "request_id": new.request_id,
+        },
+    ).fetchone()
+    return _task(row)
+
+
+def task_get(conn: psycopg.Connection, task_id: UUID) -> Task | None:
+    return _task(conn.execute(query("task_get"), {"task_id": task_id}).fetchone())
+
+
+def task_get_by_idempotency_key(conn: psycopg.Connection, key: str) -> Task | None:
+    row = conn.execute(query("task_get_by_idempotency_key"), {"idempotency_key": key}).fetchone()
+    return _task(row)
+
+
+async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any]) -> Task | None:
+    cursor = await conn.execute(query(name), params)
+    return _task(await cursor.fetchone())
+
+
+async def task_mark_running(conn: psycopg.AsyncConnection, task_id: UUID) -> Task | None:
+    """Claim a pending task for one run; None when it is not pending any more."""
+    return await _one(conn, "task_mark_running", {"task_id": task_id})
+
+
+async def task_mark_completed(
+    conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, result: Any
+) -> Task | None:
+    params = {"task_id": task_id, "attempt": attempt, "result": Jsonb(result)}
+    return await _one(conn, "task_mark_completed", params)
+
+
+async def task_mark_failed(
+    conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, error_message: str
+) -> Task | None:
+    params = {"task_id": task_id, "attempt": attempt, "error_message": error_message}
+    return await _one(conn, "task_mark_failed", params)
+
+
+async def task_mark_retry(
+    conn: psycopg.AsyncConnection,
+    task_id: UUID,
+    attempt: int,
+    error_message: str,
+    delay_seconds: float,
+) -> Task | None:
+    params = {
+        "task_id": task_id,
+        "attempt": attempt,
+        "error_message": error_message,
+        "delay_seconds": delay_seconds,
+    }
+    return await _one(conn, "task_mark_retry", params)
+
+
+async def task_requeue_stalled(conn: psycopg.AsyncConnection, stalled_seconds: float) -> int:
+    cursor = await conn.execute(query("task_requeue_stalled"), {"stalled_seconds": stalled_seconds})
+    row = await cursor.fetchone()
+    return row["requeued"]

@@ -1,0 +1,1 @@
+"""The asyncproc worker: a Procrastinate worker that runs ledger tasks."""

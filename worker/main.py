@@ -1,0 +1,137 @@
+"""The worker process: open the pool, run Procrastinate, survive the database going away.
+
+A plain Procrastinate worker stops for good when its database connection
+breaks. This one restarts its Procrastinate worker after a short pause, and
+sweeps stalled jobs so that a task whose worker died is re-queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import psycopg_pool
+from procrastinate import exceptions as procrastinate_errors
+
+from asyncproc import db, ledger
+from asyncproc.cache import ResultCache
+from asyncproc.config import Settings
+from worker.app import QUEUE, build_app
+from worker.operations import load_user_module, registry
+from worker.runner import Runner
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_SECONDS = 1.0
+_DB_ERRORS = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg_pool.PoolTimeout,
+    procrastinate_errors.ConnectorException,
+)
+
+
+def run(settings: Settings, concurrency: int) -> int:
+    """Run a worker until SIGTERM or SIGINT; returns the exit code."""
+    load_user_module(settings.operations_module)
+    log.info("operations: %s", ", ".join(registry.names()))
+    # Sized to the concurrency: the loop's default pool would cap sync handlers
+    # at min(32, cpus + 4) running at once.
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
+    abandoned = asyncio.run(_serve(settings, concurrency, executor))
+    if abandoned:
+        # Handler threads cannot be interrupted, and their tasks were re-queued.
+        log.warning("exiting with %s handler thread(s) still running", abandoned)
+        logging.shutdown()
+        os._exit(0)
+    executor.shutdown(wait=True)
+    return 0
+
+
+async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecutor) -> int:
+    """Serve until asked to stop; returns how many handlers are still running."""
+    pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
+    await pool.open(wait=False)
+    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    runner = Runner(settings, pool, cache, registry, executor)
+    app = build_app(runner)
+
+    stopping = asyncio.Event()
+    worker_task: asyncio.Task | None = None
+
+    def request_stop(signum: int) -> None:
+        log.info("received %s: finishing running tasks (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace_seconds)
+        stopping.set()
+        if worker_task is not None:
+            worker_task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+
+    sweeper = asyncio.create_task(_sweep_stalled(settings, pool, stopping), name="stalled-sweeper")
+    log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
+    try:
+        while not stopping.is_set():
+            worker_task = asyncio.create_task(_run_procrastinate(app, pool, settings, concurrency))
+            try:
+                await worker_task
+            except asyncio.CancelledError:
+                if not stopping.is_set():
+                    raise
+            except _DB_ERRORS as exc:
+                log.warning("worker lost the database (%s); restarting in %ss", _first_line(exc), RESTART_DELAY_SECONDS)
+            if not stopping.is_set():
+                log.info("procrastinate worker stopped; restarting it")
+                await _wait(stopping, RESTART_DELAY_SECONDS)
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await pool.close(timeout=5)
+    log.info("worker stopped")
+    return runner.in_flight
+
+
+async def _run_procrastinate(app, pool: psycopg_pool.AsyncConnectionPool, settings: Settings, concurrency: int) -> None:
+    async with app.open_async(pool):
+        await app.run_worker_async(
+            queues=[QUEUE],
+            concurrency=concurrency,
+            install_signal_handlers=False,
+            delete_jobs="successful",
+            listen_notify=True,
+            fetch_job_polling_interval=settings.worker_poll_seconds,
+            shutdown_graceful_timeout=settings.shutdown_grace_seconds,
+            update_heartbeat_interval=settings.heartbeat_seconds,
+            stalled_worker_timeout=settings.stalled_seconds,
+        )
+
+
+async def _sweep_stalled(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> None:
+    period = max(1.0, min(settings.stalled_seconds / 3, 10.0))
+    while not stopping.is_set():
+        try:
+            async with pool.connection() as conn:
+                repaired = await ledger.task_requeue_stalled(conn, settings.stalled_seconds)
+            if repaired:
+                log.warning("re-queued %s task(s) whose worker or job was lost", repaired)
+        except _DB_ERRORS as exc:
+            log.warning("stalled-task sweep skipped: %s", _first_line(exc))
+        await _wait(stopping, period)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
