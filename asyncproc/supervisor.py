@@ -7,6 +7,7 @@ started, the embedded database last.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from asyncproc.embedded import EmbeddedPostgres
 log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "asyncproc"
+_PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 0.2
 
 
@@ -60,8 +62,16 @@ def _migrate(settings: Settings, database_url: str) -> None:
         log.info("applied migrations: %s", ", ".join(applied))
 
 
+def _die_with_parent() -> None:
+    # If `up` is killed outright, its children go too, instead of holding the
+    # port; the database stays, and the next `up` adopts it.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(arguments: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "asyncproc.cli", *arguments], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "asyncproc.cli", *arguments], env=env, preexec_fn=_die_with_parent
+    )
 
 
 def _wait(children: list[subprocess.Popen], stop_requested: list[int]) -> int:

@@ -18,7 +18,7 @@ HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,255}$")
 TOP_LEVEL_FIELDS = frozenset({"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts"})
 MAX_DEPTH = 32
 PRIORITY_LIMIT = 1_000_000
-MAX_DELAY_SECONDS = 366 * 86400
+MAX_DELAY_SECONDS = 10 * 366 * 86400
 
 
 def parse_json_body(raw: bytes) -> Any:

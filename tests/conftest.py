@@ -1,0 +1,155 @@
+"""Session fixtures: a fresh migrated database, a Redis, and helpers.
+
+The database comes from DATABASE_URL when it is set: the session creates a
+database of its own on that server and drops it at the end. Without
+DATABASE_URL the session starts a throwaway embedded PostgreSQL (fsync off),
+exactly as `asyncproc up` does on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from asyncproc import db, migrate
+from asyncproc.config import Settings
+from asyncproc.embedded import EmbeddedPostgres
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll `probe` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {value!r}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server where the session may create databases."""
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        yield external
+        return
+    base = Path(tempfile.mkdtemp(prefix="asyncproc-test-pg-"))
+    cluster = EmbeddedPostgres(base, durable=False)
+    cluster.start()
+    try:
+        yield cluster.admin_url()
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _create_database(server: str, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_conninfo(server, dbname=name)
+
+
+def _drop_database(server: str, url: str) -> None:
+    name = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def empty_database(server_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, unmigrated databases, all dropped at the end."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(_create_database(server_url, "asyncproc_empty"))
+        return made[-1]
+
+    yield make
+    for url in made:
+        _drop_database(server_url, url)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    url = _create_database(server_url, "asyncproc_test")
+    try:
+        with db.connect(url) as conn:
+            migrate.apply_all(conn, Settings().migrations_dir)
+        yield url
+    finally:
+        _drop_database(server_url, url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL, or a throwaway redis-server; skipped when neither exists."""
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs Redis: set REDIS_URL or put redis-server on PATH")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+
+        def pong() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(pong, 10, "redis-server to start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, retry_backoff_seconds=0.05)
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    with db.connect(database_url) as connection:
+        yield connection
+
+
+@pytest.fixture
+def clean_db(conn: psycopg.Connection) -> psycopg.Connection:
+    """The session database with no tasks and no jobs, for tests that count rows."""
+    conn.execute("TRUNCATE tasks, procrastinate_jobs, procrastinate_events CASCADE")
+    return conn

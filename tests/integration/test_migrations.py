@@ -1,0 +1,71 @@
+"""Migrations applied to an empty database, once, safely in parallel."""
+
+from __future__ import annotations
+
+import threading
+from importlib import metadata
+
+import pytest
+
+from asyncproc import db, migrate, service
+from asyncproc.config import Settings
+
+MIGRATIONS = Settings().migrations_dir
+
+
+def test_all_migrations_build_the_schema_on_an_empty_database(empty_database):
+    url = empty_database()
+    with db.connect(url) as conn:
+        applied = migrate.apply_all(conn, MIGRATIONS)
+        assert applied == [m.version for m in migrate.discover(MIGRATIONS)]
+        tables = {
+            row["tablename"]
+            for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert {"tasks", "procrastinate_jobs", "asyncproc_migrations"} <= tables
+        functions = {row["proname"] for row in conn.execute("SELECT proname FROM pg_proc")}
+        assert {"asyncproc_defer_jobs", "asyncproc_requeue_stalled", "asyncproc_delete_queued_job"} <= functions
+        recorded = [row["version"] for row in conn.execute("SELECT version FROM asyncproc_migrations ORDER BY version")]
+        assert recorded == applied
+        assert migrate.apply_all(conn, MIGRATIONS) == []
+
+
+def test_concurrent_runners_apply_each_migration_once(empty_database):
+    url = empty_database()
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with db.connect(url) as conn:
+                results.append(migrate.apply_all(conn, MIGRATIONS))
+        except BaseException as exc:  # reported below, so the test fails with it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    everything = sorted(version for result in results for version in result)
+    assert everything == [m.version for m in migrate.discover(MIGRATIONS)]
+
+
+def test_procrastinate_version_is_the_pinned_one():
+    # migrations/0001 loads this version's schema and 0002 wraps its v1 functions.
+    assert metadata.version("procrastinate").startswith("3.10.")
+
+
+def test_procrastinate_schema_directive_refuses_another_version(tmp_path, monkeypatch):
+    (tmp_path / "0001_procrastinate.sql").write_text("-- asyncproc:procrastinate-schema 9.9\n")
+    with pytest.raises(migrate.MigrationError, match="needs procrastinate 9.9"):
+        migrate.discover(tmp_path)[0].sql()
+
+
+def test_api_default_max_attempts_matches_the_column_default(conn):
+    row = conn.execute(
+        "SELECT column_default FROM information_schema.columns"
+        " WHERE table_name = 'tasks' AND column_name = 'max_attempts'"
+    ).fetchone()
+    assert row["column_default"] == str(service.DEFAULT_MAX_ATTEMPTS)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from asyncproc.config import SecondsRange, Settings
+from worker.operations import PermanentError, Registry, TaskContext, registry
+from worker.runner import Runner
+
+
+def ctx(attempt: int = 1) -> TaskContext:
+    return TaskContext(
+        task_id=uuid.uuid4(), attempt=attempt, max_attempts=3, request_id=None, compute_seconds=SecondsRange(0, 0)
+    )
+
+
+def test_compute_defaults_to_the_seed_result():
+    assert registry.get("compute")({"input": 42}, ctx()) == 499999500000
+    assert registry.get("compute")({"n": 10}, ctx()) == 45
+
+
+@pytest.mark.parametrize("payload", [{"n": -1}, {"n": "10"}, {"n": True}, {"n": 1.5}])
+def test_compute_rejects_bad_input_permanently(payload):
+    with pytest.raises(PermanentError):
+        registry.get("compute")(payload, ctx())
+
+
+def test_fail_fails_its_first_times_attempts_then_succeeds():
+    fail = registry.get("fail")
+    with pytest.raises(RuntimeError, match="nope"):
+        fail({"times": 2, "message": "nope"}, ctx(attempt=2))
+    assert fail({"times": 2}, ctx(attempt=3)) == {"succeeded_on_attempt": 3}
+    with pytest.raises(RuntimeError):
+        fail({}, ctx(attempt=50))
+
+
+def test_a_name_cannot_be_taken_twice():
+    local = Registry()
+
+    @local.register("x")
+    def first(payload, ctx):
+        return 1
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @local.register("x")
+        def second(payload, ctx):
+            return 2
+
+
+def test_backoff_doubles_from_the_base_and_is_capped():
+    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None)
+    for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
+        assert 0.8 * base <= runner.backoff(attempt) <= 1.2 * base
