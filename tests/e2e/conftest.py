@@ -69,6 +69,7 @@ def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concu
         "ASYNCPROC_WORKER_POLL_SECONDS": "0.2",
         "ASYNCPROC_SHUTDOWN_GRACE_SECONDS": "5",
         "ASYNCPROC_LOG_LEVEL": "INFO",
+        "ASYNCPROC_OPERATIONS_MODULE": "tests.e2e.custom_operations",
     }
     env.pop("REDIS_URL", None)
     if redis_url:

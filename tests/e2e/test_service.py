@@ -69,6 +69,14 @@ def test_an_unknown_operation_fails_with_a_clear_error(service):
     assert "unknown operation 'no_such_thing'" in body["error_message"]
 
 
+def test_operations_from_the_users_own_module_run(service):
+    shouted = service.wait_finished(service.submit({"operation": "shout", "data": {"text": "hi"}}))
+    assert shouted["status"] == "completed"
+    assert shouted["result"] == {"text": "HI", "attempt": 1}
+    echoed = service.wait_finished(service.submit({"operation": "async_echo", "data": {"k": [1, 2]}}))
+    assert echoed["result"] == {"k": [1, 2]}
+
+
 def test_a_psql_insert_runs_with_no_api_involved(service, database_url):
     psql = str(find_bindir() / "psql")
     result = subprocess.run(
