@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import uuid
+from datetime import timedelta
 
 import psycopg
 
 from asyncproc import logs
 from asyncproc.config import Settings
 from asyncproc.embedded import EmbeddedError
-from asyncproc.errors import ConfigError
+from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.migrate import MigrationError
 
 log = logging.getLogger("asyncproc")
@@ -31,11 +34,56 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     api.add_argument("--bind", default=settings.bind, help="HOST:PORT (ASYNCPROC_BIND)")
     api.add_argument("--workers", type=int, default=settings.api_workers, help="gunicorn worker processes")
 
+    retry = commands.add_parser("retry", help="re-queue a failed or cancelled task, or every recent failure")
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("task_id", nargs="?", type=_task_id, help="the task to retry")
+    target.add_argument("--failed", action="store_true", help="retry every task that failed within --since")
+    retry.add_argument("--since", type=_duration, default=timedelta(hours=1), help="with --failed: 30m, 1h, 2d ... (default 1h)")
+    retry.add_argument("--operation", help="with --failed: only this operation")
+
+    cancel = commands.add_parser("cancel", help="cancel a pending or running task")
+    cancel.add_argument("task_id", type=_task_id)
+
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument(
         "--concurrency", type=int, default=settings.worker_concurrency, help="tasks run at once (ASYNCPROC_WORKER_CONCURRENCY)"
     )
     return parser
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 1h or 2d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _task_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id") from None
+
+
+def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
+    from asyncproc import db, service
+    from asyncproc.cache import ResultCache
+
+    pool = db.open_pool(settings, "asyncproc-cli", 1)
+    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    try:
+        if args.command == "cancel":
+            print(service.encode_document(service.cancel(pool, cache, args.task_id)).decode())
+        elif args.failed:
+            print(f"re-queued {service.retry_failed(pool, args.since, args.operation)} task(s)")
+        else:
+            print(service.encode_document(service.retry(pool, cache, args.task_id)).decode())
+    finally:
+        pool.close()
+    return 0
 
 
 def _require_database(settings: Settings) -> str:
@@ -64,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 applied = migrate.apply_all(conn, settings.migrations_dir)
             print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
             return 0
+        if args.command in ("retry", "cancel"):
+            _require_database(settings)
+            return _operator_action(settings, args)
         if args.command == "api":
             from asyncproc.api import server
 
@@ -78,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
+    except AsyncprocError as exc:
+        print(f"asyncproc: {exc.message}", file=sys.stderr)
+        return 1
     except (EmbeddedError, MigrationError) as exc:
         print(f"asyncproc: {exc}", file=sys.stderr)
         return 1

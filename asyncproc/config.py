@@ -51,6 +51,7 @@ class Settings:
     retry_backoff_max_seconds: float = 300.0
     default_max_attempts: int = 3
     result_ttl_seconds: int = 3600
+    progress_interval_seconds: float = 1.0
     compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
 
     @classmethod
@@ -105,6 +106,9 @@ class Settings:
             ),
             result_ttl_seconds=reader.integer(
                 "ASYNCPROC_RESULT_TTL_SECONDS", default.result_ttl_seconds, 1, 30 * 86400
+            ),
+            progress_interval_seconds=reader.number(
+                "ASYNCPROC_PROGRESS_INTERVAL_SECONDS", default.progress_interval_seconds, 0, 3600
             ),
             compute_seconds=reader.seconds_range(
                 "ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds

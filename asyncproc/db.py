@@ -19,7 +19,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 from asyncproc.config import Settings
-from asyncproc.errors import DatabaseUnavailable
+from asyncproc.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,10 @@ def translate_errors() -> Iterator[None]:
     """The one place where database failures become asyncproc errors."""
     try:
         yield
+    except psycopg.errors.NoDataFound as exc:
+        raise TaskNotFound(exc.diag.message_primary or "No such task") from exc
+    except psycopg.errors.CheckViolation as exc:
+        raise InvalidTransition(exc.diag.message_primary or "Invalid status change") from exc
     except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
         log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
         raise DatabaseUnavailable("The database is unavailable; try again shortly") from exc

@@ -50,6 +50,10 @@ class Conflict(AsyncprocError):
     status = 409
 
 
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
 class DatabaseUnavailable(AsyncprocError):
     code = "database_unavailable"
     status = 503

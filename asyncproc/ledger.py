@@ -7,7 +7,7 @@ the flavour its caller needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -31,6 +31,7 @@ class Task:
     max_attempts: int
     priority: int
     progress: int | None
+    progress_message: str | None
     created_at: datetime
     scheduled_at: datetime
     started_at: datetime | None
@@ -123,6 +124,28 @@ async def task_mark_retry(
         "delay_seconds": delay_seconds,
     }
     return await _one(conn, "task_mark_retry", params)
+
+
+async def task_set_progress(
+    conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, progress: int, message: str | None
+) -> None:
+    params = {"task_id": task_id, "attempt": attempt, "progress": progress, "message": message}
+    await conn.execute(query("task_set_progress"), params)
+
+
+def task_retry(conn: psycopg.Connection, task_id: UUID) -> Task:
+    """Re-queue a failed or cancelled task (SQL asyncproc_retry)."""
+    return _task(conn.execute(query("task_retry"), {"task_id": task_id}).fetchone())
+
+
+def task_cancel(conn: psycopg.Connection, task_id: UUID) -> Task:
+    """Cancel a pending or running task (SQL asyncproc_cancel)."""
+    return _task(conn.execute(query("task_cancel"), {"task_id": task_id}).fetchone())
+
+
+def tasks_retry_failed(conn: psycopg.Connection, since: timedelta, operation: str | None) -> int:
+    row = conn.execute(query("tasks_retry_failed"), {"since": since, "operation": operation}).fetchone()
+    return row["retried"]
 
 
 async def task_requeue_stalled(conn: psycopg.AsyncConnection, stalled_seconds: float) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
-from typing import Any
+import time
+from datetime import datetime, timedelta
+from typing import Any, Iterator
 from uuid import UUID
 
 import psycopg_pool
@@ -15,6 +16,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
+from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def task_document(task: Task) -> dict[str, Any]:
         "started_at": _iso(task.started_at),
         "scheduled_at": _iso(task.scheduled_at),
         "progress": task.progress,
+        "progress_message": task.progress_message,
     }
 
 
@@ -75,11 +78,11 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
-def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> bytes:
-    """The task's JSON document: from the cache when finished, else from PostgreSQL."""
+def _lookup(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> tuple[bytes, bool]:
+    """(document, finished): from the cache, which holds finished tasks only, else PostgreSQL."""
     cached = cache.get(task_id)
     if cached is not None:
-        return cached
+        return cached, True
     with translate_errors(), pool.connection() as conn:
         task = ledger.task_get(conn, task_id)
     if task is None:
@@ -87,7 +90,80 @@ def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_
     document = encode_document(task)
     if task.finished:
         cache.put(task_id, document)
+    return document, task.finished
+
+
+def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> bytes:
+    return _lookup(pool, cache, task_id)[0]
+
+
+def wait_for_result(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, events: TaskEvents, task_id: UUID, seconds: float
+) -> bytes:
+    """The task's document as soon as it is finished, or its current one after `seconds`."""
+    deadline = time.monotonic() + seconds
+    with events.watch(task_id) as changed:
+        document, finished = _lookup(pool, cache, task_id)
+        while not finished and (remaining := deadline - time.monotonic()) > 0:
+            changed.wait(events.wait_slice(remaining))
+            changed.clear()
+            document, finished = _lookup(pool, cache, task_id)
     return document
+
+
+def stream_changes(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, events: TaskEvents, task_id: UUID, keepalive: float
+) -> Iterator[bytes | None]:
+    """Yield the task's document whenever it changes, until it is finished.
+
+    Yields None when nothing changed for `keepalive` seconds, so that the caller
+    can keep the connection alive. The claim of a task is not announced (see the
+    tasks_notify_changed trigger), so the stream also re-reads once a second.
+    """
+    with events.watch(task_id) as changed:
+        document, finished = _lookup(pool, cache, task_id)
+        yield document
+        quiet_since = time.monotonic()
+        while not finished:
+            changed.wait(1.0)
+            changed.clear()
+            latest, finished = _lookup(pool, cache, task_id)
+            if latest != document:
+                document = latest
+                quiet_since = time.monotonic()
+                yield document
+            elif time.monotonic() - quiet_since >= keepalive:
+                quiet_since = time.monotonic()
+                yield None
+
+
+def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
+    """Re-queue a failed or cancelled task, through SQL asyncproc_retry."""
+    with translate_errors(), pool.connection() as conn:
+        task = ledger.task_retry(conn, task_id)
+    cache.invalidate(task_id)
+    log.info("task %s re-queued", task_id)
+    return task
+
+
+def retry_failed(pool: psycopg_pool.ConnectionPool, since: timedelta, operation: str | None) -> int:
+    """Re-queue the tasks that failed within `since`, through SQL asyncproc_retry_failed.
+
+    Their cached results go as every API process hears of the change.
+    """
+    with translate_errors(), pool.connection() as conn:
+        retried = ledger.tasks_retry_failed(conn, since, operation)
+    log.info("re-queued %s failed task(s)", retried)
+    return retried
+
+
+def cancel(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
+    """Cancel a pending or running task, through SQL asyncproc_cancel."""
+    with translate_errors(), pool.connection() as conn:
+        task = ledger.task_cancel(conn, task_id)
+    cache.invalidate(task_id)
+    log.info("task %s cancelled", task_id)
+    return task
 
 
 def health(pool: psycopg_pool.ConnectionPool, cache: ResultCache) -> tuple[bool, dict[str, Any]]:

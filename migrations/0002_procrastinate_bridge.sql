@@ -5,6 +5,9 @@
 -- Every dispatch job carries only the task id, in args and as its queueing
 -- lock: the lock's unique index (status 'todo') makes "does this task already
 -- have a queued job?" one index probe, so deferring twice is harmless.
+--
+-- The functions are SECURITY DEFINER: an operator's role needs rights on
+-- `tasks` only, never on Procrastinate's tables, to enqueue, retry or cancel.
 
 -- Jobs are only ever looked up by task id while 'doing', and there are few.
 CREATE INDEX asyncproc_jobs_doing_task_id_idx
@@ -15,6 +18,8 @@ CREATE INDEX asyncproc_jobs_doing_task_id_idx
 CREATE FUNCTION asyncproc_defer_jobs(task_ids uuid[], priorities integer[], run_ats timestamptz[])
     RETURNS bigint[]
     LANGUAGE sql
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
 AS $$
     SELECT procrastinate_defer_jobs_v1(
         ARRAY(
@@ -41,10 +46,25 @@ $$;
 CREATE FUNCTION asyncproc_delete_queued_job(task_id uuid)
     RETURNS void
     LANGUAGE sql
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
 AS $$
     SELECT procrastinate_cancel_job_v1(jobs.id, false, true)
     FROM procrastinate_jobs AS jobs
     WHERE jobs.queueing_lock = task_id::text AND jobs.status = 'todo'
+$$;
+
+-- A cancelled running task asks its worker to stop: Procrastinate notifies the
+-- worker, which cancels the run (see worker/runner.py).
+CREATE FUNCTION asyncproc_abort_running_job(task_id uuid)
+    RETURNS void
+    LANGUAGE sql
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
+AS $$
+    SELECT procrastinate_cancel_job_v1(jobs.id, true, false)
+    FROM procrastinate_jobs AS jobs
+    WHERE jobs.args->>'task_id' = task_id::text AND jobs.status = 'doing'
 $$;
 
 -- Repairs the tasks whose dispatch job died: jobs of workers that stopped
@@ -55,6 +75,8 @@ $$;
 CREATE FUNCTION asyncproc_requeue_stalled(stalled_seconds double precision)
     RETURNS integer
     LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
 AS $$
 DECLARE
     lost uuid[];

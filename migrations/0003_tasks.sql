@@ -15,6 +15,7 @@ CREATE TABLE tasks (
     max_attempts    integer     NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
     priority        integer     NOT NULL DEFAULT 0,
     progress        smallint    CHECK (progress BETWEEN 0 AND 100),
+    progress_message text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     scheduled_at    timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
@@ -46,6 +47,7 @@ BEGIN
     NEW.started_at := NULL;
     NEW.completed_at := NULL;
     NEW.progress := NULL;
+    NEW.progress_message := NULL;
     NEW.updated_at := NEW.created_at;
     RETURN NEW;
 END;
@@ -74,10 +76,14 @@ CREATE TRIGGER tasks_defer_inserted
     FOR EACH STATEMENT EXECUTE FUNCTION asyncproc_tasks_defer_inserted();
 
 -- The status machine. Every writer, the worker and psql alike, goes through it.
+-- Claiming a task and recording its outcome are the worker's alone; it
+-- connects as application_name 'asyncproc-worker'. Operators retry and cancel.
+-- (This is a guard against mistakes, not a security boundary.)
 CREATE FUNCTION asyncproc_tasks_before_update() RETURNS trigger
     LANGUAGE plpgsql
 AS $$
 DECLARE
+    by_worker boolean;
     allowed boolean;
 BEGIN
     NEW.updated_at := now();
@@ -85,9 +91,11 @@ BEGIN
         RETURN NEW;
     END IF;
 
+    by_worker := current_setting('application_name') = 'asyncproc-worker';
     allowed := CASE OLD.status
-        WHEN 'pending'   THEN NEW.status IN ('running', 'cancelled')
-        WHEN 'running'   THEN NEW.status IN ('completed', 'failed', 'pending', 'cancelled')
+        WHEN 'pending'   THEN NEW.status = 'cancelled' OR (by_worker AND NEW.status = 'running')
+        WHEN 'running'   THEN NEW.status = 'cancelled'
+                              OR (by_worker AND NEW.status IN ('completed', 'failed', 'pending'))
         WHEN 'failed'    THEN NEW.status = 'pending'
         WHEN 'cancelled' THEN NEW.status = 'pending'
         ELSE false
@@ -95,7 +103,12 @@ BEGIN
     IF NOT allowed THEN
         RAISE EXCEPTION 'invalid task status transition: % -> % (task %)', OLD.status, NEW.status, OLD.task_id
             USING ERRCODE = 'check_violation',
-                  HINT = 'pending -> running|cancelled; running -> completed|failed|pending|cancelled; failed|cancelled -> pending';
+                  HINT = CASE
+                      WHEN OLD.status = 'completed' THEN 'a completed task is final'
+                      WHEN OLD.status IN ('pending', 'running') AND NEW.status = 'pending'
+                          THEN 'the task is still queued or running: cancel it first, or wait for it to fail'
+                      ELSE 'operators may retry (failed|cancelled -> pending) and cancel (pending|running -> cancelled); the worker does the rest'
+                  END;
     END IF;
 
     IF NEW.status IN ('completed', 'failed', 'cancelled') THEN
@@ -107,6 +120,7 @@ BEGIN
         NEW.result := NULL;
         NEW.completed_at := NULL;
         NEW.progress := NULL;
+        NEW.progress_message := NULL;
         NEW.max_attempts := GREATEST(NEW.max_attempts, OLD.attempts + 1);
         IF NEW.scheduled_at IS NOT DISTINCT FROM OLD.scheduled_at THEN
             NEW.scheduled_at := now();
@@ -122,15 +136,17 @@ CREATE TRIGGER tasks_before_update
 
 -- Any move back to pending (a retry, a stalled task, a task cut short at
 -- shutdown, an operator's UPDATE) queues a new dispatch job; a cancelled
--- pending task drops its queued one.
+-- task drops its queued job, or asks its worker to stop.
 CREATE FUNCTION asyncproc_tasks_dispatch_changed() RETURNS trigger
     LANGUAGE plpgsql
 AS $$
 BEGIN
     IF NEW.status = 'pending' THEN
         PERFORM asyncproc_defer_jobs(ARRAY[NEW.task_id], ARRAY[NEW.priority], ARRAY[NEW.scheduled_at]);
-    ELSE
+    ELSIF OLD.status = 'pending' THEN
         PERFORM asyncproc_delete_queued_job(NEW.task_id);
+    ELSE
+        PERFORM asyncproc_abort_running_job(NEW.task_id);
     END IF;
     RETURN NULL;
 END;
@@ -140,5 +156,27 @@ CREATE TRIGGER tasks_dispatch_changed
     AFTER UPDATE ON tasks
     FOR EACH ROW
     WHEN ((NEW.status = 'pending' AND OLD.status <> 'pending')
-          OR (NEW.status = 'cancelled' AND OLD.status = 'pending'))
+          OR (NEW.status = 'cancelled' AND OLD.status <> 'cancelled'))
     EXECUTE FUNCTION asyncproc_tasks_dispatch_changed();
+
+-- Listeners (GET ?wait, the event stream, cache invalidation in every API
+-- process) hear of a task reaching or leaving a final state, and of progress.
+-- The claim (pending -> running) is not announced: NOTIFY serialises commits,
+-- and the hot path pays for every one.
+CREATE FUNCTION asyncproc_tasks_notify_changed() RETURNS trigger
+    LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM pg_notify('asyncproc_task_changed', NEW.task_id::text || ' ' || NEW.status);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER tasks_notify_changed
+    AFTER UPDATE ON tasks
+    FOR EACH ROW
+    WHEN ((OLD.status <> NEW.status AND (NEW.status IN ('completed', 'failed', 'cancelled')
+                                         OR OLD.status IN ('completed', 'failed', 'cancelled')))
+          OR (NEW.status = 'running' AND (NEW.progress IS DISTINCT FROM OLD.progress
+                                          OR NEW.progress_message IS DISTINCT FROM OLD.progress_message)))
+    EXECUTE FUNCTION asyncproc_tasks_notify_changed();

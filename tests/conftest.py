@@ -149,6 +149,13 @@ def conn(database_url: str) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture
+def worker_conn(database_url: str) -> Iterator[psycopg.Connection]:
+    """A connection that the status machine takes for the worker's."""
+    with db.connect(database_url, application_name="asyncproc-worker") as connection:
+        yield connection
+
+
+@pytest.fixture
 def clean_db(conn: psycopg.Connection) -> psycopg.Connection:
     """The session database with no tasks and no jobs, for tests that count rows."""
     conn.execute("TRUNCATE tasks, procrastinate_jobs, procrastinate_events CASCADE")

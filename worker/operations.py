@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import importlib
 import random
-import time
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 from uuid import UUID
 
@@ -33,13 +33,37 @@ class PermanentError(Exception):
     """Raised by a handler when retrying cannot help, such as for invalid input."""
 
 
+class Stopped(Exception):
+    """Raised by a handler that honoured should_stop(); its task was already re-queued or cancelled."""
+
+
+def _no_progress(percent: int, message: str | None) -> None:
+    """The progress sink of a context that reports nowhere, as in unit tests."""
+
+
 @dataclass(frozen=True)
 class TaskContext:
+    """What a handler knows of its run, and how it talks back.
+
+    `report_progress(percent, message)` may be called as often as you like: the
+    worker writes at most one update per ASYNCPROC_PROGRESS_INTERVAL_SECONDS.
+    `should_stop()` turns true when the task is cancelled or the worker shuts
+    down; a long handler that checks it stops early instead of running on.
+    """
+
     task_id: UUID
     attempt: int
     max_attempts: int
     request_id: str | None
     compute_seconds: SecondsRange
+    progress_sink: Callable[[int, str | None], None] = _no_progress
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def report_progress(self, percent: int, message: str | None = None) -> None:
+        self.progress_sink(max(0, min(100, int(percent))), message)
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
 
 
 class Registry:
@@ -90,14 +114,21 @@ def _seconds_input(payload: dict[str, Any], name: str, default: float) -> float:
 def compute(payload: dict[str, Any], ctx: TaskContext) -> int:
     """The seed's demo: the sum of the integers below n, after simulated heavy work."""
     n = _integer_input(payload, "n", 1_000_000, 0, 10**12)
-    time.sleep(random.uniform(ctx.compute_seconds.low, ctx.compute_seconds.high))
+    seconds = random.uniform(ctx.compute_seconds.low, ctx.compute_seconds.high)
+    if seconds > 0:
+        steps = 10
+        for step in range(steps):
+            if ctx.stop_event.wait(seconds / steps):
+                raise Stopped("compute stopped on request")
+            ctx.report_progress((step + 1) * 100 // steps - 1, f"step {step + 1} of {steps}")
     return n * (n - 1) // 2
 
 
 @operation("sleep")
 def sleep(payload: dict[str, Any], ctx: TaskContext) -> dict[str, float]:
     seconds = _seconds_input(payload, "seconds", 1.0)
-    time.sleep(seconds)
+    if ctx.stop_event.wait(seconds):
+        raise Stopped("sleep stopped on request")
     return {"slept": seconds}
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import json
 import logging
+import math
 import random
+import threading
 import time
 from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable
@@ -46,6 +47,7 @@ class Runner:
         self.registry = registry
         self.executor = executor
         self.in_flight = 0
+        self._count_lock = threading.Lock()
 
     async def run(self, raw_task_id: str) -> None:
         task_id = UUID(raw_task_id)
@@ -65,13 +67,27 @@ class Runner:
     async def _run_claimed(self, task: Task) -> None:
         await self._cache_call(self.cache.invalidate, task.task_id)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
+        ctx = TaskContext(
+            task_id=task.task_id,
+            attempt=task.attempts,
+            max_attempts=task.max_attempts,
+            request_id=task.request_id,
+            compute_seconds=self.settings.compute_seconds,
+            progress_sink=ProgressWriter(self, task, asyncio.get_running_loop()).report,
+        )
         try:
-            result = await self._execute(task)
+            result = await self._execute(task, ctx)
         except asyncio.CancelledError:
-            log.warning("task %s interrupted by shutdown; re-queueing it", task.task_id)
-            await self._write(
+            # A shutdown past its grace period, or a cancellation of the task.
+            # A cancelled task is no longer running, so this re-queue is a no-op.
+            ctx.stop_event.set()
+            requeued = await self._write(
                 ledger.task_mark_retry, task.task_id, task.attempts, "interrupted by worker shutdown", 0.0
             )
+            if requeued is not None:
+                log.warning("task %s interrupted by shutdown; re-queued", task.task_id)
+            else:
+                log.info("task %s was cancelled while running", task.task_id)
             raise
         except PermanentError as exc:
             await self._fail(task, _describe(exc), retry=False)
@@ -80,27 +96,26 @@ class Runner:
         else:
             await self._complete(task, result)
 
-    async def _execute(self, task: Task) -> Any:
+    async def _execute(self, task: Task, ctx: TaskContext) -> Any:
         handler = self.registry.get(task.operation)
         if handler is None:
             raise PermanentError(
                 f"unknown operation {task.operation!r}; known: {', '.join(self.registry.names())}"
             )
-        ctx = TaskContext(
-            task_id=task.task_id,
-            attempt=task.attempts,
-            max_attempts=task.max_attempts,
-            request_id=task.request_id,
-            compute_seconds=self.settings.compute_seconds,
-        )
-        self.in_flight += 1
+        if inspect.iscoroutinefunction(handler):
+            return await handler(task.payload, ctx)
+        with self._count_lock:
+            self.in_flight += 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._call_counted, handler, task.payload, ctx)
+
+    def _call_counted(self, handler: Callable[..., Any], payload: dict[str, Any], ctx: TaskContext) -> Any:
+        # Counted in the thread itself: a cancelled run's thread may outlive its task.
         try:
-            if inspect.iscoroutinefunction(handler):
-                return await handler(task.payload, ctx)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
+            return handler(payload, ctx)
         finally:
-            self.in_flight -= 1
+            with self._count_lock:
+                self.in_flight -= 1
 
     async def _complete(self, task: Task, result: Any) -> None:
         try:
@@ -156,6 +171,40 @@ class Runner:
     async def _cache_call(self, call: Callable[..., None], *args: Any) -> None:
         # Redis calls block; keep them off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, call, *args)
+
+
+class ProgressWriter:
+    """Writes a task's progress at most once per interval, never blocking the handler."""
+
+    def __init__(self, runner: Runner, task: Task, loop: asyncio.AbstractEventLoop):
+        self._runner = runner
+        self._task = task
+        self._loop = loop
+        self._interval = runner.settings.progress_interval_seconds
+        self._last_write = -math.inf
+        self._lock = threading.Lock()
+        self._writes: set[asyncio.Task] = set()
+
+    def report(self, percent: int, message: str | None) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_write < self._interval:
+                return
+            self._last_write = now
+        # Handlers run in threads and on the loop alike; the write runs on the loop.
+        self._loop.call_soon_threadsafe(self._start_write, percent, message)
+
+    def _start_write(self, percent: int, message: str | None) -> None:
+        write = self._loop.create_task(self._write(percent, message))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _write(self, percent: int, message: str | None) -> None:
+        try:
+            async with self._runner.pool.connection() as conn:
+                await ledger.task_set_progress(conn, self._task.task_id, self._task.attempts, percent, message)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.warning("progress of task %s not recorded: %s", self._task.task_id, exc)
 
 
 def _describe(exc: BaseException) -> str:

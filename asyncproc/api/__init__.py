@@ -13,6 +13,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
 from asyncproc.errors import AsyncprocError, ConfigError
+from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ class Resources:
     settings: Settings
     pool: psycopg_pool.ConnectionPool
     cache: ResultCache
+    events: TaskEvents
+
+    def close(self) -> None:
+        self.events.close()
+        self.pool.close()
 
 
 def resources() -> Resources:
@@ -44,10 +50,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
+    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
     app.extensions["asyncproc"] = Resources(
         settings=settings,
         pool=open_pool(settings, "asyncproc-api", settings.api_threads),
-        cache=ResultCache(settings.redis_url, settings.result_ttl_seconds),
+        cache=cache,
+        events=TaskEvents(settings, cache).start(),
     )
 
     from asyncproc.api import routes

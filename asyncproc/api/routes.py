@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("asyncproc", __name__)
 
 JSON = "application/json"
+SSE_KEEPALIVE_SECONDS = 15.0
 
 
 def init_app(app: Flask) -> None:
@@ -60,11 +61,44 @@ def process():
     return body, 202 if created else 200, headers
 
 
-@bp.get("/results/<path:raw_id>")
+@bp.get("/results/<raw_id>")
 def results(raw_id: str):
     res = resources()
-    document = service.result_document(res.pool, res.cache, validation.task_id(raw_id))
+    task_id = validation.task_id(raw_id)
+    wait = validation.wait_seconds(request.args.get("wait"))
+    if wait:
+        document = service.wait_for_result(res.pool, res.cache, res.events, task_id, wait)
+    else:
+        document = service.result_document(res.pool, res.cache, task_id)
     return Response(document, mimetype=JSON)
+
+
+@bp.get("/results/<raw_id>/events")
+def result_events(raw_id: str):
+    res = resources()
+    changes = service.stream_changes(res.pool, res.cache, res.events, validation.task_id(raw_id), SSE_KEEPALIVE_SECONDS)
+    first = next(changes)  # an unknown id fails here, as a JSON 404, before streaming starts
+
+    def stream():
+        yield b"event: task\ndata: " + first + b"\n\n"
+        for document in changes:
+            yield b": keepalive\n\n" if document is None else b"event: task\ndata: " + document + b"\n\n"
+
+    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@bp.post("/results/<raw_id>/retry")
+def retry(raw_id: str):
+    res = resources()
+    task = service.retry(res.pool, res.cache, validation.task_id(raw_id))
+    return Response(service.encode_document(task), status=202, mimetype=JSON)
+
+
+@bp.post("/results/<raw_id>/cancel")
+def cancel(raw_id: str):
+    res = resources()
+    task = service.cancel(res.pool, res.cache, validation.task_id(raw_id))
+    return Response(service.encode_document(task), mimetype=JSON)
 
 
 @bp.get("/health")

@@ -19,6 +19,7 @@ TOP_LEVEL_FIELDS = frozenset({"data", "operation", "priority", "run_at", "delay_
 MAX_DEPTH = 32
 PRIORITY_LIMIT = 1_000_000
 MAX_DELAY_SECONDS = 10 * 366 * 86400
+MAX_WAIT_SECONDS = 60
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -156,6 +157,19 @@ def header_token(value: str | None, name: str) -> str | None:
             f"{name} must be 1-255 printable ASCII characters without spaces", [{"field": name}]
         )
     return value
+
+
+def wait_seconds(value: str | None) -> float:
+    """The ?wait=N of a long poll: 0 (no wait) to MAX_WAIT_SECONDS."""
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:
+        raise InvalidRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS}", [{"field": "wait"}])
+    return seconds
 
 
 def task_id(value: str) -> uuid.UUID:

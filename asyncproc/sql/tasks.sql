@@ -7,19 +7,19 @@ VALUES (%(operation)s, %(payload)s, %(max_attempts)s, %(priority)s,
         COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id
 
 -- name: task_get_by_idempotency_key
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-       priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
        idempotency_key, request_id
 FROM tasks
 WHERE idempotency_key = %(idempotency_key)s
 
 -- name: task_get
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-       priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
        idempotency_key, request_id
 FROM tasks
 WHERE task_id = %(task_id)s
@@ -29,7 +29,7 @@ UPDATE tasks
 SET status = 'running', attempts = attempts + 1, started_at = now(), progress = NULL
 WHERE task_id = %(task_id)s AND status = 'pending'
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id
 
 -- name: task_mark_completed
@@ -37,7 +37,7 @@ UPDATE tasks
 SET status = 'completed', result = %(result)s, progress = 100
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id
 
 -- name: task_mark_failed
@@ -45,7 +45,7 @@ UPDATE tasks
 SET status = 'failed', error_message = %(error_message)s
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id
 
 -- name: task_mark_retry
@@ -54,8 +54,28 @@ SET status = 'pending', error_message = %(error_message)s,
     scheduled_at = now() + make_interval(secs => %(delay_seconds)s)
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id
 
 -- name: task_requeue_stalled
 SELECT asyncproc_requeue_stalled(%(stalled_seconds)s) AS requeued
+
+-- name: task_retry
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id
+FROM asyncproc_retry(%(task_id)s)
+
+-- name: task_cancel
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id
+FROM asyncproc_cancel(%(task_id)s)
+
+-- name: tasks_retry_failed
+SELECT asyncproc_retry_failed(%(since)s, %(operation)s) AS retried
+
+-- name: task_set_progress
+UPDATE tasks
+SET progress = %(progress)s, progress_message = %(message)s
+WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s

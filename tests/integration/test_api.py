@@ -21,7 +21,7 @@ UNREACHABLE_DB = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
 def app(database_url, redis_url):
     application = create_app(Settings(database_url=database_url, redis_url=redis_url, max_body_bytes=4096))
     yield application
-    application.extensions["asyncproc"].pool.close()
+    application.extensions["asyncproc"].close()
 
 
 @pytest.fixture
@@ -144,10 +144,10 @@ def test_health_reports_database_and_cache(client):
     assert response.get_json() == {"status": "ok", "database": "ok", "cache": "ok"}
 
 
-def test_finished_results_are_cached_and_a_hit_never_touches_postgres(client, clean_db, redis_url):
+def test_finished_results_are_cached_and_a_hit_never_touches_postgres(client, clean_db, worker_conn, redis_url):
     task_id = post(client, {"data": {"n": 10}}).get_json()["task_id"]
-    clean_db.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
-    clean_db.execute("UPDATE tasks SET status = 'completed', result = '45' WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE tasks SET status = 'completed', result = '45' WHERE task_id = %s", (task_id,))
     first = client.get(f"/results/{task_id}").get_json()
     assert first["status"] == "completed" and first["result"] == 45
     ttl = redis.Redis.from_url(redis_url).ttl(KEY_PREFIX + task_id)
@@ -163,7 +163,7 @@ def test_finished_results_are_cached_and_a_hit_never_touches_postgres(client, cl
         assert miss.status_code == 503
         assert miss.get_json()["error"]["code"] == "database_unavailable"
     finally:
-        blind.extensions["asyncproc"].pool.close()
+        blind.extensions["asyncproc"].close()
 
 
 def test_pending_results_are_not_cached(client, clean_db, redis_url):
@@ -183,20 +183,20 @@ def test_without_a_database_the_api_answers_503_json():
         assert health.status_code == 503
         assert health.get_json()["database"] == "down"
     finally:
-        blind.extensions["asyncproc"].pool.close()
+        blind.extensions["asyncproc"].close()
 
 
-def test_with_redis_down_everything_still_works(database_url, clean_db):
+def test_with_redis_down_everything_still_works(database_url, clean_db, worker_conn):
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     app = create_app(Settings(database_url=database_url, redis_url=dead_redis))
     try:
         client = app.test_client()
         task_id = post(client, {"data": {"n": 4}}).get_json()["task_id"]
-        clean_db.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
-        clean_db.execute("UPDATE tasks SET status = 'completed', result = '6' WHERE task_id = %s", (task_id,))
+        worker_conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
+        worker_conn.execute("UPDATE tasks SET status = 'completed', result = '6' WHERE task_id = %s", (task_id,))
         assert client.get(f"/results/{task_id}").get_json()["result"] == 6
         health = client.get("/health")
         assert health.status_code == 200
         assert health.get_json()["cache"] == "down"
     finally:
-        app.extensions["asyncproc"].pool.close()
+        app.extensions["asyncproc"].close()

@@ -58,10 +58,10 @@ def test_a_future_task_is_scheduled_in_its_job(clean_db):
     assert job["scheduled_at"] is not None
 
 
-def test_result_holds_the_seed_example_result(clean_db):
+def test_result_holds_the_seed_example_result(clean_db, worker_conn):
     task_id = insert_task(clean_db)
-    clean_db.execute("UPDATE tasks SET status = 'running' WHERE task_id = %s", (task_id,))
-    clean_db.execute("UPDATE tasks SET status = 'completed', result = '499999500000' WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE tasks SET status = 'running' WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE tasks SET status = 'completed', result = '499999500000' WHERE task_id = %s", (task_id,))
     row = clean_db.execute("SELECT result, completed_at FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
     assert row["result"] == 499999500000
     assert row["completed_at"] is not None
@@ -87,24 +87,44 @@ def test_a_new_row_must_be_pending_and_starts_clean(clean_db):
         ["running", "failed", "running"],
     ],
 )
-def test_invalid_transitions_are_rejected(clean_db, path):
+def test_invalid_transitions_are_rejected_even_for_the_worker(clean_db, worker_conn, path):
     task_id = insert_task(clean_db)
     *allowed, forbidden = path
     for status in allowed:
-        clean_db.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (status, task_id))
+        worker_conn.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (status, task_id))
     with pytest.raises(psycopg.errors.CheckViolation, match="invalid task status transition"):
+        worker_conn.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (forbidden, task_id))
+
+
+@pytest.mark.parametrize(
+    "setup,forbidden,hint",
+    [
+        ([], "running", "the worker does the rest"),
+        (["running"], "completed", "the worker does the rest"),
+        (["running"], "pending", "cancel it first"),
+        (["running", "completed"], "running", "a completed task is final"),
+    ],
+)
+def test_operators_cannot_do_the_workers_transitions(clean_db, worker_conn, setup, forbidden, hint):
+    task_id = insert_task(clean_db)
+    for status in setup:
+        worker_conn.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (status, task_id))
+    with pytest.raises(psycopg.errors.CheckViolation) as raised:
         clean_db.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (forbidden, task_id))
+    assert hint in raised.value.diag.message_hint
 
 
-def test_retrying_a_failed_task_queues_a_new_job_and_keeps_its_history(clean_db):
+def fail_task(worker_conn, task_id, attempts=1, error="boom"):
+    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = %s WHERE task_id = %s", (attempts, task_id))
+    worker_conn.execute(
+        "UPDATE tasks SET status = 'failed', error_message = %s WHERE task_id = %s", (error, task_id)
+    )
+
+
+def test_retrying_a_failed_task_queues_a_new_job_and_keeps_its_history(clean_db, worker_conn):
     task_id = insert_task(clean_db)
     clean_db.execute("DELETE FROM procrastinate_jobs")
-    clean_db.execute(
-        "UPDATE tasks SET status = 'running', attempts = 3 WHERE task_id = %s", (task_id,)
-    )
-    clean_db.execute(
-        "UPDATE tasks SET status = 'failed', error_message = 'boom' WHERE task_id = %s", (task_id,)
-    )
+    fail_task(worker_conn, task_id, attempts=3)
     clean_db.execute("UPDATE tasks SET status = 'pending' WHERE status = 'failed'")
     row = clean_db.execute(
         "SELECT status, attempts, max_attempts, error_message, completed_at FROM tasks WHERE task_id = %s", (task_id,)
@@ -130,7 +150,7 @@ def test_deferring_twice_queues_one_job(clean_db):
     assert len(jobs_for(clean_db, task_id)) == 1
 
 
-def _orphan_running_task(conn, worker_alive: bool) -> str:
+def _orphan_running_task(conn, worker_conn, worker_alive: bool) -> str:
     """A running task whose job is 'doing' for a worker, as after a claim."""
     task_id = insert_task(conn)
     worker_id = conn.execute("SELECT procrastinate_register_worker_v1() AS id").fetchone()["id"]
@@ -139,26 +159,26 @@ def _orphan_running_task(conn, worker_alive: bool) -> str:
             "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' WHERE id = %s", (worker_id,)
         )
     conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s", (worker_id,))
-    conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
     return task_id
 
 
-def test_a_task_of_a_dead_worker_is_requeued(clean_db):
-    task_id = _orphan_running_task(clean_db, worker_alive=False)
-    assert clean_db.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
+def test_a_task_of_a_dead_worker_is_requeued(clean_db, worker_conn):
+    task_id = _orphan_running_task(clean_db, worker_conn, worker_alive=False)
+    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
     row = clean_db.execute("SELECT status, attempts, error_message FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
     assert row == {"status": "pending", "attempts": 1, "error_message": "worker lost during attempt 1"}
     assert [job["status"] for job in jobs_for(clean_db, task_id)] == ["todo"]
 
 
-def test_a_task_of_a_live_worker_is_left_alone(clean_db):
-    task_id = _orphan_running_task(clean_db, worker_alive=True)
-    assert clean_db.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 0
+def test_a_task_of_a_live_worker_is_left_alone(clean_db, worker_conn):
+    task_id = _orphan_running_task(clean_db, worker_conn, worker_alive=True)
+    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 0
     assert clean_db.execute("SELECT status FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["status"] == "running"
 
 
-def test_a_pending_task_whose_job_aborted_gets_a_new_job(clean_db):
+def test_a_pending_task_whose_job_aborted_gets_a_new_job(clean_db, worker_conn):
     task_id = insert_task(clean_db)
     clean_db.execute("UPDATE procrastinate_jobs SET status = 'aborted'")
-    assert clean_db.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
+    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
     assert [job["status"] for job in jobs_for(clean_db, task_id)] == ["todo"]

@@ -1,0 +1,106 @@
+"""One LISTEN connection per API process, shared by every waiting request.
+
+The tasks_notify_changed trigger announces a task reaching or leaving a final
+state, and its progress. Each announcement wakes the requests watching that
+task (long polls, event streams), and a task leaving a final state (a retry
+from psql, say) loses its cached result, so no process serves the old state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+from typing import Iterator
+from uuid import UUID
+
+import psycopg
+
+from asyncproc import db
+from asyncproc.cache import ResultCache
+from asyncproc.config import Settings
+from asyncproc.ledger import FINAL_STATUSES
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "asyncproc_task_changed"
+_RECONNECT_SECONDS = 1.0
+# While the listener is away, waiters re-read the database this often instead.
+_DEGRADED_POLL_SECONDS = 0.5
+
+
+class TaskEvents:
+    def __init__(self, settings: Settings, cache: ResultCache):
+        self._settings = settings
+        self._cache = cache
+        self._watchers: dict[UUID, set[threading.Event]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._listen_forever, name="task-events", daemon=True)
+
+    def start(self) -> "TaskEvents":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_slice(self, remaining: float) -> float:
+        """How long a waiter may sleep before it must look at the database again."""
+        return remaining if self.connected else min(remaining, _DEGRADED_POLL_SECONDS)
+
+    @contextlib.contextmanager
+    def watch(self, task_id: UUID) -> Iterator[threading.Event]:
+        """An event set whenever the task is announced; register before reading its state."""
+        event = threading.Event()
+        with self._lock:
+            self._watchers[task_id].add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                watchers = self._watchers[task_id]
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[task_id]
+
+    def _announce(self, task_id: UUID, status: str) -> None:
+        if status not in FINAL_STATUSES:
+            self._cache.invalidate(task_id)
+        with self._lock:
+            watchers = list(self._watchers.get(task_id, ()))
+        for event in watchers:
+            event.set()
+
+    def _wake_everyone(self) -> None:
+        with self._lock:
+            watchers = [event for events in self._watchers.values() for event in events]
+        for event in watchers:
+            event.set()
+
+    def _listen_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with db.connect(self._settings.database_url, self._settings, "asyncproc-api-listener") as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._connected.set()
+                    log.info("listening for task changes")
+                    # Anything announced while we were away is lost: look again.
+                    self._wake_everyone()
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=1.0):
+                            task_id, _, status = notify.payload.partition(" ")
+                            self._announce(UUID(task_id), status)
+            except psycopg.Error as exc:
+                if self._connected.is_set():
+                    log.warning("task-change listener lost the database: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                self._connected.clear()
+                self._wake_everyone()
+                self._stop.wait(_RECONNECT_SECONDS)
+        self._connected.clear()
