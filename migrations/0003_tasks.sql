@@ -30,7 +30,9 @@ COMMENT ON COLUMN tasks.scheduled_at IS 'earliest time the next attempt may star
 COMMENT ON COLUMN tasks.attempts IS 'runs started so far';
 
 CREATE UNIQUE INDEX tasks_idempotency_key_idx ON tasks (idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX tasks_status_created_at_idx ON tasks (status, created_at);
+-- Serves the queue (status = pending, oldest first), stuck-task checks, and
+-- counts by status and operation as an index-only scan.
+CREATE INDEX tasks_status_operation_created_at_idx ON tasks (status, operation, created_at);
 
 -- A new row always starts as a fresh pending task, whoever inserts it, so that
 -- an operator's INSERT behaves exactly like POST /process.

@@ -70,6 +70,7 @@ def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concu
         "ASYNCPROC_SHUTDOWN_GRACE_SECONDS": "5",
         "ASYNCPROC_LOG_LEVEL": "INFO",
         "ASYNCPROC_OPERATIONS_MODULE": "tests.e2e.custom_operations",
+        "ASYNCPROC_PROGRESS_INTERVAL_SECONDS": "0.05",
     }
     env.pop("REDIS_URL", None)
     if redis_url:

@@ -14,3 +14,14 @@ def shout(payload, ctx):
 async def async_echo(payload, ctx):
     await asyncio.sleep(0)
     return payload
+
+
+@operation("steps")
+def steps(payload, ctx):
+    """Reports progress through `count` steps of `seconds` each; honours cancellation."""
+    count = int(payload.get("count", 3))
+    for step in range(1, count + 1):
+        if ctx.stop_event.wait(float(payload.get("seconds", 0.3))):
+            return {"stopped_at": step}
+        ctx.report_progress(step * 100 // (count + 1), f"step {step}")
+    return {"steps": count}

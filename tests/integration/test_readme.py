@@ -12,6 +12,9 @@ from asyncproc.config import PROJECT_ROOT, Settings
 from asyncproc.embedded import find_bindir
 
 SNIPPETS = re.findall(r"```sql\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), re.DOTALL)
+# The README's example ids: one failed task to retry, one pending task to cancel.
+FAILED_EXAMPLE = "7f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
+PENDING_EXAMPLE = "0c9e8d7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f"
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +22,19 @@ def readme_database(empty_database) -> str:
     url = empty_database()
     with db.connect(url) as conn:
         migrate.apply_all(conn, Settings().migrations_dir)
+        conn.execute("INSERT INTO tasks (task_id, operation) VALUES (%s, 'fail'), (%s, 'sleep')", (FAILED_EXAMPLE, PENDING_EXAMPLE))
+    with db.connect(url, application_name="asyncproc-worker") as worker:
+        worker.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (FAILED_EXAMPLE,))
+        worker.execute("UPDATE tasks SET status = 'failed', error_message = 'boom' WHERE task_id = %s", (FAILED_EXAMPLE,))
     return url
 
 
-def test_the_readme_has_sql_examples():
-    assert len(SNIPPETS) >= 3
+def test_the_readme_documents_every_operator_function_and_view():
+    text = "\n".join(SNIPPETS)
+    for name in ("asyncproc_retry(", "asyncproc_retry_failed(", "asyncproc_cancel(", "asyncproc_status_counts",
+                 "asyncproc_throughput_per_minute", "asyncproc_throughput_per_hour", "asyncproc_latency_last_hour",
+                 "asyncproc_recent_failures", "asyncproc_stuck_tasks", "asyncproc_queue"):
+        assert name in text, name
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.strip().splitlines()[0][:50] for s in SNIPPETS])

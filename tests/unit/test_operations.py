@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from asyncproc.config import SecondsRange, Settings
-from worker.operations import PermanentError, Registry, TaskContext, registry
+from worker.operations import PermanentError, Registry, Stopped, TaskContext, registry
 from worker.runner import Runner
 
 
@@ -53,3 +53,26 @@ def test_backoff_doubles_from_the_base_and_is_capped():
     runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None)
     for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
         assert 0.8 * base <= runner.backoff(attempt) <= 1.2 * base
+
+
+def test_compute_reports_progress_during_its_simulated_work():
+    reported = []
+    context = TaskContext(
+        task_id=uuid.uuid4(), attempt=1, max_attempts=3, request_id=None,
+        compute_seconds=SecondsRange(0.05, 0.05), progress_sink=lambda p, m: reported.append((p, m)),
+    )
+    assert registry.get("compute")({"n": 4}, context) == 6
+    percents = [p for p, _ in reported]
+    assert percents == sorted(percents) and len(percents) == 10 and percents[-1] < 100
+    assert reported[0][1] == "step 1 of 10"
+
+
+def test_sleep_and_compute_stop_when_asked():
+    context = TaskContext(
+        task_id=uuid.uuid4(), attempt=1, max_attempts=3, request_id=None, compute_seconds=SecondsRange(60, 60)
+    )
+    context.stop_event.set()
+    with pytest.raises(Stopped):
+        registry.get("sleep")({"seconds": 60}, context)
+    with pytest.raises(Stopped):
+        registry.get("compute")({}, context)
