@@ -94,19 +94,26 @@ async def _check_idle_connection_async(conn: psycopg.AsyncConnection[Any]) -> No
         await conn.execute("SELECT 1")
 
 
+def _pool_options(settings: Settings, application_name: str, max_size: int) -> dict[str, Any]:
+    return {
+        "conninfo": settings.database_url,
+        "min_size": 1,
+        "max_size": max_size,
+        "kwargs": connect_kwargs(settings, application_name),
+        "timeout": settings.db_connect_timeout,
+        # Keep trying to reconnect for as long as the database is away.
+        "reconnect_timeout": 0,
+        "open": False,
+        "name": application_name,
+    }
+
+
 def open_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.ConnectionPool:
     """A sync pool that opens in the background: start-up never waits for the database."""
     pool = psycopg_pool.ConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=max_size,
-        kwargs=connect_kwargs(settings, application_name),
-        timeout=settings.db_connect_timeout,
-        reconnect_timeout=0,
         check=_check_idle_connection,
         configure=_autocommit,
-        open=False,
-        name=application_name,
+        **_pool_options(settings, application_name, max_size),
     )
     pool.open(wait=False)
     return pool
@@ -115,16 +122,9 @@ def open_pool(settings: Settings, application_name: str, max_size: int) -> psyco
 def async_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.AsyncConnectionPool:
     """An unopened async pool; the caller opens it inside its event loop."""
     return psycopg_pool.AsyncConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=max_size,
-        kwargs=connect_kwargs(settings, application_name),
-        timeout=settings.db_connect_timeout,
-        reconnect_timeout=0,
         check=_check_idle_connection_async,
         configure=_autocommit_async,
-        open=False,
-        name=application_name,
+        **_pool_options(settings, application_name, max_size),
     )
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from datetime import datetime, timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from uuid import UUID
 
 import psycopg_pool
@@ -139,10 +139,21 @@ def stream_changes(
 
 def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
     """Re-queue a failed or cancelled task, through SQL asyncproc_retry."""
+    return _operator_change(pool, cache, ledger.task_retry, task_id)
+
+
+def cancel(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
+    """Cancel a pending or running task, through SQL asyncproc_cancel."""
+    return _operator_change(pool, cache, ledger.task_cancel, task_id)
+
+
+def _operator_change(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, change: Callable[..., Task], task_id: UUID
+) -> Task:
     with translate_errors(), pool.connection() as conn:
-        task = ledger.task_retry(conn, task_id)
+        task = change(conn, task_id)
     cache.invalidate(task_id)
-    log.info("task %s re-queued", task_id)
+    log.info("task %s is now %s", task_id, task.status)
     return task
 
 
@@ -155,15 +166,6 @@ def retry_failed(pool: psycopg_pool.ConnectionPool, since: timedelta, operation:
         retried = ledger.tasks_retry_failed(conn, since, operation)
     log.info("re-queued %s failed task(s)", retried)
     return retried
-
-
-def cancel(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
-    """Cancel a pending or running task, through SQL asyncproc_cancel."""
-    with translate_errors(), pool.connection() as conn:
-        task = ledger.task_cancel(conn, task_id)
-    cache.invalidate(task_id)
-    log.info("task %s cancelled", task_id)
-    return task
 
 
 def health(pool: psycopg_pool.ConnectionPool, cache: ResultCache) -> tuple[bool, dict[str, Any]]:

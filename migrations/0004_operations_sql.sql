@@ -1,8 +1,9 @@
 -- The operator's interface in SQL: retry and cancel functions, shared by psql,
 -- the HTTP API and the CLI, and reporting views that read `tasks` only.
 
--- Retry one failed or cancelled task: it goes back to pending and runs again.
-CREATE FUNCTION asyncproc_retry(target uuid)
+-- An operator's status change of one task, refused with a clear error when the
+-- task is unknown or not in one of the `allowed` statuses.
+CREATE FUNCTION asyncproc_operator_change(target uuid, allowed text[], new_status text, action text)
     RETURNS SETOF tasks
     LANGUAGE plpgsql
 AS $$
@@ -13,12 +14,20 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no task with id %', target USING ERRCODE = 'no_data_found';
     END IF;
-    IF current_status NOT IN ('failed', 'cancelled') THEN
-        RAISE EXCEPTION 'task % is %: only failed or cancelled tasks can be retried', target, current_status
+    IF NOT current_status = ANY (allowed) THEN
+        RAISE EXCEPTION 'task % is %: only % tasks can be %', target, current_status, array_to_string(allowed, ' or '), action
             USING ERRCODE = 'check_violation';
     END IF;
-    RETURN QUERY UPDATE tasks SET status = 'pending' WHERE task_id = target RETURNING *;
+    RETURN QUERY UPDATE tasks SET status = new_status WHERE task_id = target RETURNING *;
 END;
+$$;
+
+-- Retry one failed or cancelled task: it goes back to pending and runs again.
+CREATE FUNCTION asyncproc_retry(target uuid)
+    RETURNS SETOF tasks
+    LANGUAGE sql
+AS $$
+    SELECT * FROM asyncproc_operator_change(target, ARRAY['failed', 'cancelled'], 'pending', 'retried')
 $$;
 
 -- Retry every task that failed within `since`, optionally of one operation.
@@ -43,21 +52,9 @@ $$;
 -- which its handler honours where it checks for it.
 CREATE FUNCTION asyncproc_cancel(target uuid)
     RETURNS SETOF tasks
-    LANGUAGE plpgsql
+    LANGUAGE sql
 AS $$
-DECLARE
-    current_status text;
-BEGIN
-    SELECT status INTO current_status FROM tasks WHERE task_id = target FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no task with id %', target USING ERRCODE = 'no_data_found';
-    END IF;
-    IF current_status NOT IN ('pending', 'running') THEN
-        RAISE EXCEPTION 'task % is %: only pending or running tasks can be cancelled', target, current_status
-            USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN QUERY UPDATE tasks SET status = 'cancelled' WHERE task_id = target RETURNING *;
-END;
+    SELECT * FROM asyncproc_operator_change(target, ARRAY['pending', 'running'], 'cancelled', 'cancelled')
 $$;
 
 -- Reporting. Time windows are parameters of the functions; the views are the
