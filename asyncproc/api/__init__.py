@@ -13,6 +13,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
 from asyncproc.errors import AsyncprocError, ConfigError
+from asyncproc.operations import load_user_module
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set (asyncproc up sets it for the embedded database)")
+    # Operations are known here too, so that unknown ones and bad input are a 422.
+    load_user_module(settings.operations_module)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False

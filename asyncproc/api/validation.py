@@ -11,6 +11,7 @@ from typing import Any
 
 from asyncproc.errors import InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
+from asyncproc.operations import InvalidInput, registry
 
 DEFAULT_OPERATION = "compute"
 OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -136,6 +137,10 @@ def new_task(
     check_storable(data, "data")
     operation = _operation(body, data)
     payload = {key: value for key, value in data.items() if key != "operation"}
+    try:
+        registry.check(operation, payload)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc), exc.details) from None
     return NewTask(
         operation=operation,
         payload=payload,
