@@ -53,20 +53,30 @@ def test_a_task_that_always_fails_ends_failed_after_max_attempts(service):
     assert body["completed_at"] is not None
 
 
-def test_invalid_input_fails_at_once_without_retries(service):
-    task_id = service.submit({"data": {"operation": "compute", "n": "many"}})
-    body = service.wait_finished(task_id)
-    assert body["status"] == "failed"
-    assert body["attempts"] == 1
-    assert "n must be an integer" in body["error_message"]
+@pytest.mark.parametrize(
+    "body,field",
+    [({"data": {"operation": "compute", "n": "many"}}, "data.n"), ({"operation": "no_such_thing"}, "operation")],
+    ids=["bad input", "unknown operation"],
+)
+def test_the_api_refuses_what_the_worker_could_not_run(service, body, field):
+    response = service.post(body)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == field
 
 
-def test_an_unknown_operation_fails_with_a_clear_error(service):
-    task_id = service.submit({"operation": "no_such_thing"})
-    body = service.wait_finished(task_id)
+@pytest.mark.parametrize(
+    "operation,payload,message",
+    [("compute", '{"n": "many"}', "data.n must be of type integer"), ("no_such_thing", "{}", "unknown operation 'no_such_thing'")],
+    ids=["bad input", "unknown operation"],
+)
+def test_a_psql_insert_the_api_would_refuse_fails_at_once_without_retries(service, conn, operation, payload, message):
+    task_id = conn.execute(
+        "INSERT INTO tasks (operation, payload) VALUES (%s, %s) RETURNING task_id", (operation, payload)
+    ).fetchone()["task_id"]
+    body = service.wait_finished(str(task_id))
     assert body["status"] == "failed"
     assert body["attempts"] == 1
-    assert "unknown operation 'no_such_thing'" in body["error_message"]
+    assert message in body["error_message"]
 
 
 def test_operations_from_the_users_own_module_run(service):
