@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import psycopg_pool
 
 from asyncproc import ledger
@@ -62,6 +63,9 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     if existing is None:
         # The key's row vanished between the two statements (deleted by hand).
         raise Conflict("The Idempotency-Key was in use a moment ago; retry the request")
+    if existing.owner != new.owner:
+        # Keys are unique across clients; another client's task stays invisible.
+        raise Conflict("This Idempotency-Key is already in use; choose another")
     if (existing.operation, existing.payload, existing.max_attempts, existing.priority) != (
         new.operation,
         new.payload,
@@ -75,15 +79,30 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
-def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> bytes:
-    """The task's JSON document: from the cache when finished, else from PostgreSQL."""
-    cached = cache.get(task_id)
-    if cached is not None:
-        return cached
-    with translate_errors(), pool.connection() as conn:
-        task = ledger.task_get(conn, task_id)
-    if task is None:
+def owned_task(conn: psycopg.Connection, task_id: UUID, owner: int | None) -> Task:
+    """The task, if `owner` may see it; otherwise TaskNotFound, so that another
+    client's task and a missing one look the same. owner=None means access
+    control is off and every task is visible."""
+    task = ledger.task_get(conn, task_id)
+    if task is None or (owner is not None and task.owner != owner):
         raise TaskNotFound(f"No task with id {task_id}")
+    return task
+
+
+def result_document(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None
+) -> bytes:
+    """The task's JSON document: from the cache when finished, else from PostgreSQL.
+
+    The cache does not know owners, so with access control every read checks
+    the owner in PostgreSQL.
+    """
+    if owner is None:
+        cached = cache.get(task_id)
+        if cached is not None:
+            return cached
+    with translate_errors(), pool.connection() as conn:
+        task = owned_task(conn, task_id, owner)
     document = encode_document(task)
     if task.finished:
         cache.put(task_id, document)

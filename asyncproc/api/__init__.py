@@ -53,9 +53,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         cache=ResultCache(settings.redis_url, settings.result_ttl_seconds),
     )
 
-    from asyncproc.api import routes
+    from asyncproc.api import auth, openapi, routes
 
     routes.init_app(app)
+    auth.init_app(app)
+    openapi.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -65,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 def _asyncproc_error(error: AsyncprocError):
     level = logging.ERROR if error.status >= 500 and error.status != 503 else logging.WARNING
     log.log(level, "%s %s: %s", error.status, error.code, error.message)
-    return error.to_dict(), error.status
+    return error.to_dict(), error.status, error.headers()
 
 
 def _http_error(error: HTTPException):

@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, Response, g, request
 
 from asyncproc import service
 from asyncproc.api import resources, validation
+from asyncproc.api.auth import current_owner
 from asyncproc.errors import UnsupportedMediaType
 from asyncproc.logs import request_id_var
 
@@ -45,6 +46,7 @@ def process():
         default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
+        owner=current_owner(),
     )
     task, created = service.enqueue(res.pool, new)
     if created:
@@ -63,7 +65,7 @@ def process():
 @bp.get("/results/<path:raw_id>")
 def results(raw_id: str):
     res = resources()
-    document = service.result_document(res.pool, res.cache, validation.task_id(raw_id))
+    document = service.result_document(res.pool, res.cache, validation.task_id(raw_id), owner=current_owner())
     return Response(document, mimetype=JSON)
 
 

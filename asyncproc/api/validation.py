@@ -120,6 +120,7 @@ def new_task(
     default_max_attempts: int,
     idempotency_key: str | None,
     request_id: str | None,
+    owner: int | None = None,
 ) -> NewTask:
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object")
@@ -149,6 +150,7 @@ def new_task(
         run_at=_run_at(body, datetime.now(timezone.utc)),
         idempotency_key=idempotency_key,
         request_id=request_id,
+        owner=owner,
     )
 
 
