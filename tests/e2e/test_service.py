@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from datetime import datetime
 
 import pytest
+import requests
 
 from asyncproc.embedded import find_bindir
 from tests.conftest import wait_for
@@ -136,3 +138,25 @@ def test_with_redis_down_the_service_still_works(tmp_path, database_url):
         assert health.json() == {"status": "ok", "database": "ok", "cache": "down"}
     finally:
         assert stop_service(processes) == [0, 0]
+
+
+def test_concurrent_identical_requests_with_one_idempotency_key_make_one_task(service, conn):
+    idempotency_key = f"race-{uuid.uuid4()}"
+    barrier = threading.Barrier(32)
+    responses: list[requests.Response] = []
+
+    def send() -> None:
+        barrier.wait(10)
+        responses.append(service.post({"data": {"n": 7}}, headers={"Idempotency-Key": idempotency_key}))
+
+    threads = [threading.Thread(target=send) for _ in range(barrier.parties)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(r.status_code for r in responses) == [200] * (barrier.parties - 1) + [202]
+    assert len({r.json()["task_id"] for r in responses}) == 1
+    rows = conn.execute("SELECT task_id FROM tasks WHERE idempotency_key = %s", (idempotency_key,)).fetchall()
+    assert [str(row["task_id"]) for row in rows] == [responses[0].json()["task_id"]]
+    different = service.post({"data": {"n": 8}}, headers={"Idempotency-Key": idempotency_key})
+    assert different.status_code == 409

@@ -341,3 +341,24 @@ def test_with_redis_down_everything_still_works(database_url, clean_db):
         assert health.get_json()["cache"] == "down"
     finally:
         app.extensions["asyncproc"].pool.close()
+
+
+def test_task_ids_are_random_uuids_never_sequential(client, clean_db):
+    through_api = [post(client, {"data": {"n": 1}}).get_json()["task_id"] for _ in range(20)]
+    through_sql = [
+        str(clean_db.execute("INSERT INTO tasks (operation) VALUES ('compute') RETURNING task_id").fetchone()["task_id"])
+        for _ in range(20)
+    ]
+    for ids in (through_api, through_sql):
+        parsed = [uuid.UUID(task_id) for task_id in ids]
+        assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
+        assert len(set(parsed)) == len(parsed)
+        # Ids in creation order are neither sorted nor a step apart; for 20
+        # random ids, being in either sorted order has odds of 2 in 20!.
+        assert parsed != sorted(parsed) and parsed != sorted(parsed, reverse=True)
+        steps = {b.int - a.int for a, b in zip(parsed, parsed[1:])}
+        assert len(steps) == len(parsed) - 1
+    default = clean_db.execute(
+        "SELECT column_default FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'task_id'"
+    ).fetchone()["column_default"]
+    assert default == "gen_random_uuid()"
