@@ -10,9 +10,11 @@ import uuid
 
 import pytest
 
-from asyncproc import keys
+from asyncproc import keys, ratelimit
 from asyncproc.api import create_app
 from asyncproc.config import Settings
+
+from tests.conftest import wait_for
 
 RATE = 0.01  # one token per 100 s: nothing refills during a test
 BURST = 3
@@ -173,3 +175,12 @@ def test_the_keys_cli_prints_a_key_once_lists_and_revokes(database_url):
     assert cli("revoke", name).returncode == 0
     assert cli("revoke", name).returncode == 1
     assert "revoked" in [line for line in cli("list").stdout.splitlines() if line.startswith(name + "\t")][0]
+
+
+def test_a_bucket_refills_at_the_configured_rate(conn):
+    bucket = f"test:{uuid.uuid4()}"
+    assert [ratelimit.take(conn, bucket, rate=1, burst=2).allowed for _ in range(2)] == [True, True]
+    refused = ratelimit.take(conn, bucket, rate=1, burst=2)
+    assert refused == ratelimit.Decision(allowed=False, retry_after=1)
+    wait_for(lambda: ratelimit.take(conn, bucket, rate=1, burst=2).allowed, 3, "a token to refill")
+    assert not ratelimit.take(conn, bucket, rate=1, burst=2).allowed
