@@ -15,6 +15,7 @@ from asyncproc import logs
 from asyncproc.config import Settings
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
+from asyncproc.keys import KeyCommandError
 from asyncproc.migrate import MigrationError
 
 log = logging.getLogger("asyncproc")
@@ -48,6 +49,13 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     worker.add_argument(
         "--concurrency", type=int, default=settings.worker_concurrency, help="tasks run at once (ASYNCPROC_WORKER_CONCURRENCY)"
     )
+
+    key_commands = commands.add_parser("keys", help="API keys for ASYNCPROC_AUTH=required").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    key_commands.add_parser("create", help="create a key and print it (shown only this once)").add_argument("name")
+    key_commands.add_parser("revoke", help="revoke the live key with this name").add_argument("name")
+    key_commands.add_parser("list", help="list keys (never the keys themselves)")
     return parser
 
 
@@ -121,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             _require_database(settings)
             server.run(settings, bind=args.bind, workers=args.workers)
             return 0
+        if args.command == "keys":
+            from asyncproc import db, keys
+
+            with db.connect(_require_database(settings), settings, "asyncproc-keys") as conn:
+                return keys.run(conn, args.keys_command, getattr(args, "name", None))
         if args.command == "worker":
             from worker import main as worker_main
 
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsyncprocError as exc:
         print(f"asyncproc: {exc.message}", file=sys.stderr)
         return 1
-    except (EmbeddedError, MigrationError) as exc:
+    except (EmbeddedError, MigrationError, KeyCommandError) as exc:
         print(f"asyncproc: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:

@@ -6,6 +6,7 @@ the variable, which the CLI prints as one line instead of a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,13 @@ class Settings:
     result_ttl_seconds: int = 3600
     progress_interval_seconds: float = 1.0
     compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
+    auth: str = "off"
+    rate_limit_per_second: float | None = None
+    rate_limit_burst: int | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "required"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -113,6 +121,8 @@ class Settings:
             compute_seconds=reader.seconds_range(
                 "ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds
             ),
+            auth=reader.choice("ASYNCPROC_AUTH", default.auth.upper(), ("OFF", "REQUIRED")).lower(),
+            **reader.rate_limit("ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
         )
 
     def with_database(self, database_url: str) -> "Settings":
@@ -176,6 +186,16 @@ class _Reader:
             return value
 
         return self._parse(name, default, parse, "HOST:PORT, for example 127.0.0.1:8000")
+
+    def rate_limit(self, rate_name: str, burst_name: str) -> dict[str, float | int | None]:
+        """Unset: no limit. The burst defaults to one second's worth of requests."""
+        if self._raw(rate_name) is None:
+            if self._raw(burst_name) is not None:
+                raise ConfigError(f"{burst_name} is set but {rate_name} is not")
+            return {"rate_limit_per_second": None, "rate_limit_burst": None}
+        rate = self.number(rate_name, 0.0, 0.001, 1_000_000)
+        burst = self.integer(burst_name, max(1, math.ceil(rate)), 1, 1_000_000)
+        return {"rate_limit_per_second": rate, "rate_limit_burst": burst}
 
     def seconds_range(self, name: str, default: SecondsRange) -> SecondsRange:
         def parse(value: str) -> SecondsRange:

@@ -18,6 +18,9 @@ class AsyncprocError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details is not None:
@@ -57,3 +60,30 @@ class InvalidTransition(Conflict):
 class DatabaseUnavailable(AsyncprocError):
     code = "database_unavailable"
     status = 503
+
+
+class Unauthorized(AsyncprocError):
+    code = "unauthorized"
+    status = 401
+
+    def __init__(self, message: str, invalid_token: bool):
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="asyncproc"'
+        if self.invalid_token:
+            challenge += ', error="invalid_token"'
+        return {"WWW-Authenticate": challenge}
+
+
+class RateLimited(AsyncprocError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, details={"retry_after": retry_after})
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}

@@ -39,6 +39,8 @@ class Task:
     updated_at: datetime
     idempotency_key: str | None
     request_id: str | None
+    # api_keys.id of the key that created it; None without access control.
+    owner: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,6 +56,7 @@ class NewTask:
     run_at: datetime | None = None
     idempotency_key: str | None = None
     request_id: str | None = None
+    owner: int | None = None
 
 
 def _task(row: dict[str, Any] | None) -> Task | None:
@@ -72,6 +75,7 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
             "run_at": new.run_at,
             "idempotency_key": new.idempotency_key,
             "request_id": new.request_id,
+            "owner": new.owner,
         },
     ).fetchone()
     return _task(row)

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 from uuid import UUID
 
+import psycopg
 import psycopg_pool
 
 from asyncproc import ledger
@@ -65,6 +66,9 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     if existing is None:
         # The key's row vanished between the two statements (deleted by hand).
         raise Conflict("The Idempotency-Key was in use a moment ago; retry the request")
+    if existing.owner != new.owner:
+        # Keys are unique across clients; another client's task stays invisible.
+        raise Conflict("This Idempotency-Key is already in use; choose another")
     if (existing.operation, existing.payload, existing.max_attempts, existing.priority) != (
         new.operation,
         new.payload,
@@ -78,41 +82,68 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
-def _lookup(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> tuple[bytes, bool]:
-    """(document, finished): from the cache, which holds finished tasks only, else PostgreSQL."""
-    cached = cache.get(task_id)
-    if cached is not None:
-        return cached, True
-    with translate_errors(), pool.connection() as conn:
-        task = ledger.task_get(conn, task_id)
-    if task is None:
+def owned_task(conn: psycopg.Connection, task_id: UUID, owner: int | None) -> Task:
+    """The task, if `owner` may see it; otherwise TaskNotFound, so that another
+    client's task and a missing one look the same. owner=None means access
+    control is off and every task is visible."""
+    task = ledger.task_get(conn, task_id)
+    if task is None or (owner is not None and task.owner != owner):
         raise TaskNotFound(f"No task with id {task_id}")
+    return task
+
+
+def _lookup(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None
+) -> tuple[bytes, bool]:
+    """(document, finished): from the cache, which holds finished tasks only, else PostgreSQL.
+
+    The cache does not know owners, so with access control every read checks
+    the owner in PostgreSQL.
+    """
+    if owner is None:
+        cached = cache.get(task_id)
+        if cached is not None:
+            return cached, True
+    with translate_errors(), pool.connection() as conn:
+        task = owned_task(conn, task_id, owner)
     document = encode_document(task)
     if task.finished:
         cache.put(task_id, document)
     return document, task.finished
 
 
-def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> bytes:
-    return _lookup(pool, cache, task_id)[0]
+def result_document(
+    pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None
+) -> bytes:
+    return _lookup(pool, cache, task_id, owner)[0]
 
 
 def wait_for_result(
-    pool: psycopg_pool.ConnectionPool, cache: ResultCache, events: TaskEvents, task_id: UUID, seconds: float
+    pool: psycopg_pool.ConnectionPool,
+    cache: ResultCache,
+    events: TaskEvents,
+    task_id: UUID,
+    seconds: float,
+    owner: int | None = None,
 ) -> bytes:
     """The task's document as soon as it is finished, or its current one after `seconds`."""
     deadline = time.monotonic() + seconds
     with events.watch(task_id) as changed:
-        document, finished = _lookup(pool, cache, task_id)
+        document, finished = _lookup(pool, cache, task_id, owner)
         while not finished and (remaining := deadline - time.monotonic()) > 0:
             changed.wait(events.wait_slice(remaining))
             changed.clear()
-            document, finished = _lookup(pool, cache, task_id)
+            document, finished = _lookup(pool, cache, task_id, owner)
     return document
 
 
 def stream_changes(
-    pool: psycopg_pool.ConnectionPool, cache: ResultCache, events: TaskEvents, task_id: UUID, keepalive: float
+    pool: psycopg_pool.ConnectionPool,
+    cache: ResultCache,
+    events: TaskEvents,
+    task_id: UUID,
+    keepalive: float,
+    owner: int | None = None,
 ) -> Iterator[bytes | None]:
     """Yield the task's document whenever it changes, until it is finished.
 
@@ -121,13 +152,13 @@ def stream_changes(
     tasks_notify_changed trigger), so the stream also re-reads once a second.
     """
     with events.watch(task_id) as changed:
-        document, finished = _lookup(pool, cache, task_id)
+        document, finished = _lookup(pool, cache, task_id, owner)
         yield document
         quiet_since = time.monotonic()
         while not finished:
             changed.wait(1.0)
             changed.clear()
-            latest, finished = _lookup(pool, cache, task_id)
+            latest, finished = _lookup(pool, cache, task_id, owner)
             if latest != document:
                 document = latest
                 quiet_since = time.monotonic()
@@ -137,20 +168,26 @@ def stream_changes(
                 yield None
 
 
-def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
+def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None) -> Task:
     """Re-queue a failed or cancelled task, through SQL asyncproc_retry."""
-    return _operator_change(pool, cache, ledger.task_retry, task_id)
+    return _operator_change(pool, cache, ledger.task_retry, task_id, owner)
 
 
-def cancel(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> Task:
+def cancel(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None) -> Task:
     """Cancel a pending or running task, through SQL asyncproc_cancel."""
-    return _operator_change(pool, cache, ledger.task_cancel, task_id)
+    return _operator_change(pool, cache, ledger.task_cancel, task_id, owner)
 
 
 def _operator_change(
-    pool: psycopg_pool.ConnectionPool, cache: ResultCache, change: Callable[..., Task], task_id: UUID
+    pool: psycopg_pool.ConnectionPool,
+    cache: ResultCache,
+    change: Callable[..., Task],
+    task_id: UUID,
+    owner: int | None,
 ) -> Task:
     with translate_errors(), pool.connection() as conn:
+        if owner is not None:
+            owned_task(conn, task_id, owner)
         task = change(conn, task_id)
     cache.invalidate(task_id)
     log.info("task %s is now %s", task_id, task.status)

@@ -20,8 +20,8 @@ from procrastinate import exceptions as procrastinate_errors
 from asyncproc import db, ledger
 from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
+from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
-from worker.operations import load_user_module, registry
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)

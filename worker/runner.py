@@ -22,8 +22,8 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
+from asyncproc.operations import PermanentError, Registry, TaskContext
 from asyncproc.service import encode_document
-from worker.operations import PermanentError, Registry, TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,8 @@ class Runner:
             await self._complete(task, result)
 
     async def _execute(self, task: Task, ctx: TaskContext) -> Any:
-        handler = self.registry.get(task.operation)
-        if handler is None:
-            raise PermanentError(
-                f"unknown operation {task.operation!r}; known: {', '.join(self.registry.names())}"
-            )
+        # Rows inserted with psql never passed the API's check.
+        handler = self.registry.check(task.operation, task.payload)
         if inspect.iscoroutinefunction(handler):
             return await handler(task.payload, ctx)
         with self._count_lock:

@@ -13,6 +13,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
 from asyncproc.errors import AsyncprocError, ConfigError
+from asyncproc.operations import load_user_module
 from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set (asyncproc up sets it for the embedded database)")
+    # Operations are known here too, so that unknown ones and bad input are a 422.
+    load_user_module(settings.operations_module)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
@@ -58,9 +61,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         events=TaskEvents(settings, cache).start(),
     )
 
-    from asyncproc.api import routes
+    from asyncproc.api import auth, openapi, routes
 
     routes.init_app(app)
+    auth.init_app(app)
+    openapi.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -70,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 def _asyncproc_error(error: AsyncprocError):
     level = logging.ERROR if error.status >= 500 and error.status != 503 else logging.WARNING
     log.log(level, "%s %s: %s", error.status, error.code, error.message)
-    return error.to_dict(), error.status
+    return error.to_dict(), error.status, error.headers()
 
 
 def _http_error(error: HTTPException):

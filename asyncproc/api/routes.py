@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, Response, g, request
 
 from asyncproc import service
 from asyncproc.api import resources, validation
+from asyncproc.api.auth import current_owner
 from asyncproc.errors import UnsupportedMediaType
 from asyncproc.logs import request_id_var
 
@@ -46,6 +47,7 @@ def process():
         default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
+        owner=current_owner(),
     )
     task, created = service.enqueue(res.pool, new)
     if created:
@@ -67,16 +69,18 @@ def results(raw_id: str):
     task_id = validation.task_id(raw_id)
     wait = validation.wait_seconds(request.args.get("wait"))
     if wait:
-        document = service.wait_for_result(res.pool, res.cache, res.events, task_id, wait)
+        document = service.wait_for_result(res.pool, res.cache, res.events, task_id, wait, owner=current_owner())
     else:
-        document = service.result_document(res.pool, res.cache, task_id)
+        document = service.result_document(res.pool, res.cache, task_id, owner=current_owner())
     return Response(document, mimetype=JSON)
 
 
 @bp.get("/results/<raw_id>/events")
 def result_events(raw_id: str):
     res = resources()
-    changes = service.stream_changes(res.pool, res.cache, res.events, validation.task_id(raw_id), SSE_KEEPALIVE_SECONDS)
+    changes = service.stream_changes(
+        res.pool, res.cache, res.events, validation.task_id(raw_id), SSE_KEEPALIVE_SECONDS, owner=current_owner()
+    )
     first = next(changes)  # an unknown id fails here, as a JSON 404, before streaming starts
 
     def stream():
@@ -90,14 +94,14 @@ def result_events(raw_id: str):
 @bp.post("/results/<raw_id>/retry")
 def retry(raw_id: str):
     res = resources()
-    task = service.retry(res.pool, res.cache, validation.task_id(raw_id))
+    task = service.retry(res.pool, res.cache, validation.task_id(raw_id), owner=current_owner())
     return Response(service.encode_document(task), status=202, mimetype=JSON)
 
 
 @bp.post("/results/<raw_id>/cancel")
 def cancel(raw_id: str):
     res = resources()
-    task = service.cancel(res.pool, res.cache, validation.task_id(raw_id))
+    task = service.cancel(res.pool, res.cache, validation.task_id(raw_id), owner=current_owner())
     return Response(service.encode_document(task), mimetype=JSON)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from asyncproc.errors import InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
+from asyncproc.operations import InvalidInput, registry
 
 DEFAULT_OPERATION = "compute"
 OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -120,6 +121,7 @@ def new_task(
     default_max_attempts: int,
     idempotency_key: str | None,
     request_id: str | None,
+    owner: int | None = None,
 ) -> NewTask:
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object")
@@ -137,6 +139,10 @@ def new_task(
     check_storable(data, "data")
     operation = _operation(body, data)
     payload = {key: value for key, value in data.items() if key != "operation"}
+    try:
+        registry.check(operation, payload)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc), exc.details) from None
     return NewTask(
         operation=operation,
         payload=payload,
@@ -145,6 +151,7 @@ def new_task(
         run_at=_run_at(body, datetime.now(timezone.utc)),
         idempotency_key=idempotency_key,
         request_id=request_id,
+        owner=owner,
     )
 
 

@@ -2,25 +2,25 @@
 -- the "-- name:" lines; each query takes %(name)s parameters.
 
 -- name: task_insert
-INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id)
+INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id, owner)
 VALUES (%(operation)s, %(payload)s, %(max_attempts)s, %(priority)s,
-        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s)
+        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
+          idempotency_key, request_id, owner
 
 -- name: task_get_by_idempotency_key
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id
+       idempotency_key, request_id, owner
 FROM tasks
 WHERE idempotency_key = %(idempotency_key)s
 
 -- name: task_get
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id
+       idempotency_key, request_id, owner
 FROM tasks
 WHERE task_id = %(task_id)s
 
@@ -30,7 +30,7 @@ SET status = 'running', attempts = attempts + 1, started_at = now(), progress = 
 WHERE task_id = %(task_id)s AND status = 'pending'
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
+          idempotency_key, request_id, owner
 
 -- name: task_mark_completed
 UPDATE tasks
@@ -38,7 +38,7 @@ SET status = 'completed', result = %(result)s, progress = 100
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
+          idempotency_key, request_id, owner
 
 -- name: task_mark_failed
 UPDATE tasks
@@ -46,7 +46,7 @@ SET status = 'failed', error_message = %(error_message)s
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
+          idempotency_key, request_id, owner
 
 -- name: task_mark_retry
 UPDATE tasks
@@ -55,7 +55,7 @@ SET status = 'pending', error_message = %(error_message)s,
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
+          idempotency_key, request_id, owner
 
 -- name: task_requeue_stalled
 SELECT asyncproc_requeue_stalled(%(stalled_seconds)s) AS requeued
@@ -63,13 +63,13 @@ SELECT asyncproc_requeue_stalled(%(stalled_seconds)s) AS requeued
 -- name: task_retry
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id
+       idempotency_key, request_id, owner
 FROM asyncproc_retry(%(task_id)s)
 
 -- name: task_cancel
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id
+       idempotency_key, request_id, owner
 FROM asyncproc_cancel(%(task_id)s)
 
 -- name: tasks_retry_failed

@@ -59,7 +59,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concurrency: int = 20) -> tuple[Service, list[subprocess.Popen]]:
+def start_service(
+    tmp_dir: Path,
+    database_url: str,
+    redis_url: str | None,
+    concurrency: int = 20,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Service, list[subprocess.Popen]]:
     port = free_port()
     env = {
         **os.environ,
@@ -71,6 +77,7 @@ def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concu
         "ASYNCPROC_LOG_LEVEL": "INFO",
         "ASYNCPROC_OPERATIONS_MODULE": "tests.e2e.custom_operations",
         "ASYNCPROC_PROGRESS_INTERVAL_SECONDS": "0.05",
+        **(extra_env or {}),
     }
     env.pop("REDIS_URL", None)
     if redis_url:

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from worker.operations import operation
+from asyncproc.operations import operation
 
 
 @operation("shout")

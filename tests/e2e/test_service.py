@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from datetime import datetime
 
 import pytest
+import requests
 
 from asyncproc.embedded import find_bindir
 from tests.conftest import wait_for
@@ -53,20 +55,30 @@ def test_a_task_that_always_fails_ends_failed_after_max_attempts(service):
     assert body["completed_at"] is not None
 
 
-def test_invalid_input_fails_at_once_without_retries(service):
-    task_id = service.submit({"data": {"operation": "compute", "n": "many"}})
-    body = service.wait_finished(task_id)
-    assert body["status"] == "failed"
-    assert body["attempts"] == 1
-    assert "n must be an integer" in body["error_message"]
+@pytest.mark.parametrize(
+    "body,field",
+    [({"data": {"operation": "compute", "n": "many"}}, "data.n"), ({"operation": "no_such_thing"}, "operation")],
+    ids=["bad input", "unknown operation"],
+)
+def test_the_api_refuses_what_the_worker_could_not_run(service, body, field):
+    response = service.post(body)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == field
 
 
-def test_an_unknown_operation_fails_with_a_clear_error(service):
-    task_id = service.submit({"operation": "no_such_thing"})
-    body = service.wait_finished(task_id)
+@pytest.mark.parametrize(
+    "operation,payload,message",
+    [("compute", '{"n": "many"}', "data.n must be of type integer"), ("no_such_thing", "{}", "unknown operation 'no_such_thing'")],
+    ids=["bad input", "unknown operation"],
+)
+def test_a_psql_insert_the_api_would_refuse_fails_at_once_without_retries(service, conn, operation, payload, message):
+    task_id = conn.execute(
+        "INSERT INTO tasks (operation, payload) VALUES (%s, %s) RETURNING task_id", (operation, payload)
+    ).fetchone()["task_id"]
+    body = service.wait_finished(str(task_id))
     assert body["status"] == "failed"
     assert body["attempts"] == 1
-    assert "unknown operation 'no_such_thing'" in body["error_message"]
+    assert message in body["error_message"]
 
 
 def test_operations_from_the_users_own_module_run(service):
@@ -126,3 +138,25 @@ def test_with_redis_down_the_service_still_works(tmp_path, database_url):
         assert health.json() == {"status": "ok", "database": "ok", "cache": "down"}
     finally:
         assert stop_service(processes) == [0, 0]
+
+
+def test_concurrent_identical_requests_with_one_idempotency_key_make_one_task(service, conn):
+    idempotency_key = f"race-{uuid.uuid4()}"
+    barrier = threading.Barrier(32)
+    responses: list[requests.Response] = []
+
+    def send() -> None:
+        barrier.wait(10)
+        responses.append(service.post({"data": {"n": 7}}, headers={"Idempotency-Key": idempotency_key}))
+
+    threads = [threading.Thread(target=send) for _ in range(barrier.parties)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(r.status_code for r in responses) == [200] * (barrier.parties - 1) + [202]
+    assert len({r.json()["task_id"] for r in responses}) == 1
+    rows = conn.execute("SELECT task_id FROM tasks WHERE idempotency_key = %s", (idempotency_key,)).fetchall()
+    assert [str(row["task_id"]) for row in rows] == [responses[0].json()["task_id"]]
+    different = service.post({"data": {"n": 8}}, headers={"Idempotency-Key": idempotency_key})
+    assert different.status_code == 409

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from typing import NamedTuple
 
 import pytest
 import redis
@@ -19,7 +21,7 @@ UNREACHABLE_DB = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
 
 @pytest.fixture(scope="module")
 def app(database_url, redis_url):
-    application = create_app(Settings(database_url=database_url, redis_url=redis_url, max_body_bytes=4096))
+    application = create_app(Settings(database_url=database_url, redis_url=redis_url, max_body_bytes=8192))
     yield application
     application.extensions["asyncproc"].close()
 
@@ -73,54 +75,195 @@ def test_get_returns_every_seed_field(client, clean_db):
     assert body["task_id"] == task_id and body["status"] == "pending" and body["operation"] == "compute"
 
 
-# (description, body bytes, content type, expected status)
+class Bad(NamedTuple):
+    """One bad request: what is sent, and the status and error code it must get."""
+
+    name: str
+    status: int
+    code: str
+    body: bytes = b""
+    content_type: str | None = "application/json"
+    method: str = "POST"
+    path: str = "/process"
+    headers: dict[str, str] = {}
+
+
+def body(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"data": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+MALFORMED, INVALID, UNSUPPORTED = "malformed_body", "invalid_request", "unsupported_media_type"
+NOT_FOUND, TASK_NOT_FOUND, NOT_ALLOWED = "not_found", "task_not_found", "method_not_allowed"
+
+# Every class of bad input, with the answer it must get. The test below also
+# checks the error shape, that no row was written, and that the log has a
+# warning and no traceback.
 BAD_REQUESTS = [
-    ("not JSON", b"{not json", "application/json", 400),
-    ("empty body", b"", "application/json", 400),
-    ("wrong content type", b'{"data": {}}', "text/plain", 415),
-    ("form content type", b"data=1", "application/x-www-form-urlencoded", 415),
-    ("body is a list", b"[1, 2]", "application/json", 422),
-    ("data is a string", b'{"data": "x"}', "application/json", 422),
-    ("unknown field", b'{"data": {}, "priorty": 1}', "application/json", 422),
-    ("priority is a string", b'{"priority": "high"}', "application/json", 422),
-    ("priority is a bool", b'{"priority": true}', "application/json", 422),
-    ("max_attempts zero", b'{"max_attempts": 0}', "application/json", 422),
-    ("delay_seconds negative", b'{"delay_seconds": -1}', "application/json", 422),
-    ("run_at not a date", b'{"run_at": "tomorrow"}', "application/json", 422),
-    ("run_at and delay", b'{"run_at": "2030-01-01T00:00:00Z", "delay_seconds": 1}', "application/json", 422),
-    ("operation with spaces", b'{"operation": "drop table"}', "application/json", 422),
-    ("operation twice", b'{"operation": "a", "data": {"operation": "b"}}', "application/json", 422),
-    ("NaN", b'{"data": {"n": NaN}}', "application/json", 400),
-    ("NUL in a string", b'{"data": {"s": "a\\u0000b"}}', "application/json", 422),
-    ("lone surrogate", b'{"data": {"s": "\\ud800"}}', "application/json", 422),
-    ("deep nesting", b'{"data": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", "application/json", 422),
-    ("over the body limit", b'{"data": {"s": "' + b"x" * 5000 + b'"}}', "application/json", 413),
+    # The body is not JSON, or not JSON at all.
+    Bad("not JSON", 400, MALFORMED, b"{not json"),
+    Bad("truncated JSON", 400, MALFORMED, b'{"data": {'),
+    Bad("empty body", 400, MALFORMED, b""),
+    Bad("whitespace body", 400, MALFORMED, b"  \n "),
+    Bad("invalid UTF-8", 400, MALFORMED, b'{"data": {"s": "\xff"}}'),
+    Bad("NaN", 400, MALFORMED, b'{"data": {"n": NaN}}'),
+    Bad("Infinity", 400, MALFORMED, b'{"priority": Infinity}'),
+    # Wrong content type.
+    Bad("text/plain", 415, UNSUPPORTED, b'{"data": {}}', "text/plain"),
+    Bad("form content type", 415, UNSUPPORTED, b"data=1", "application/x-www-form-urlencoded"),
+    Bad("no content type", 415, UNSUPPORTED, b'{"data": {}}', None),
+    # Wrong types in every field.
+    Bad("body is a list", 422, INVALID, b"[1, 2]"),
+    Bad("body is a string", 422, INVALID, b'"data"'),
+    Bad("body is null", 422, INVALID, b"null"),
+    Bad("unknown field", 422, INVALID, body({"data": {}, "priorty": 1})),
+    Bad("data is a string", 422, INVALID, body({"data": "x"})),
+    Bad("data is a list", 422, INVALID, body({"data": [1]})),
+    Bad("data is a number", 422, INVALID, body({"data": 1})),
+    Bad("operation is a number", 422, INVALID, body({"operation": 1})),
+    Bad("operation is a list", 422, INVALID, body({"operation": ["compute"]})),
+    Bad("operation in data is a bool", 422, INVALID, body({"data": {"operation": True}})),
+    Bad("priority is a string", 422, INVALID, body({"priority": "high"})),
+    Bad("priority is a bool", 422, INVALID, body({"priority": True})),
+    Bad("priority is a float", 422, INVALID, body({"priority": 1.5})),
+    Bad("priority is null", 422, INVALID, body({"priority": None})),
+    Bad("max_attempts is a string", 422, INVALID, body({"max_attempts": "3"})),
+    Bad("max_attempts zero", 422, INVALID, body({"max_attempts": 0})),
+    Bad("max_attempts 101", 422, INVALID, body({"max_attempts": 101})),
+    Bad("delay_seconds is a string", 422, INVALID, body({"delay_seconds": "5"})),
+    Bad("delay_seconds negative", 422, INVALID, body({"delay_seconds": -1})),
+    Bad("run_at is a number", 422, INVALID, body({"run_at": 1700000000})),
+    Bad("run_at not a date", 422, INVALID, body({"run_at": "tomorrow"})),
+    Bad("run_at and delay", 422, INVALID, body({"run_at": "2030-01-01T00:00:00Z", "delay_seconds": 1})),
+    # Unknown operations, and input that fails the operation's schema.
+    Bad("unknown operation", 422, INVALID, body({"operation": "no_such_thing"})),
+    Bad("unknown operation in data", 422, INVALID, body({"data": {"operation": "no_such_thing"}})),
+    Bad("operation with spaces", 422, INVALID, body({"operation": "drop table"})),
+    Bad("operation twice", 422, INVALID, body({"operation": "compute", "data": {"operation": "sleep"}})),
+    Bad("compute n is a string", 422, INVALID, body({"data": {"n": "10"}})),
+    Bad("compute n negative", 422, INVALID, body({"data": {"n": -1}})),
+    Bad("sleep seconds too long", 422, INVALID, body({"operation": "sleep", "data": {"seconds": 86401}})),
+    Bad("fail times is a string", 422, INVALID, body({"operation": "fail", "data": {"times": "2"}})),
+    # Size, depth, unicode, NUL bytes, huge numbers.
+    Bad("over the body limit", 413, "body_too_large", body({"data": {"s": "x" * 9000}})),
+    Bad("nested 40 deep", 422, INVALID, nested(40)),
+    Bad("nested 2000 deep", 400, MALFORMED, nested(2000)[:4000]),
+    Bad("NUL in a string", 422, INVALID, b'{"data": {"s": "a\\u0000b"}}'),
+    Bad("NUL in a key", 422, INVALID, b'{"data": {"a\\u0000": 1}}'),
+    Bad("lone surrogate", 422, INVALID, b'{"data": {"s": "\\ud800"}}'),
+    Bad("unicode operation name", 422, INVALID, body({"operation": "c\u00f6mpute"})),
+    Bad("number overflows to infinity", 422, INVALID, b'{"data": {"x": 1e400}}'),
+    Bad("5000-digit integer", 400, MALFORMED, b'{"data": {"x": ' + b"9" * 5000 + b"}}"),
+    Bad("huge priority", 422, INVALID, body({"priority": 10**30})),
+    Bad("huge compute n", 422, INVALID, body({"data": {"n": 10**30}})),
+    # Headers.
+    Bad("Idempotency-Key with spaces", 422, INVALID, body({}), headers={"Idempotency-Key": "a b"}),
+    Bad("Idempotency-Key too long", 422, INVALID, body({}), headers={"Idempotency-Key": "k" * 256}),
+    # Malformed and unknown task ids.
+    Bad("unknown task id", 404, TASK_NOT_FOUND, method="GET", path=f"/results/{uuid.uuid4()}"),
+    Bad("task id not a uuid", 404, TASK_NOT_FOUND, method="GET", path="/results/not-a-uuid"),
+    Bad("task id a number", 404, TASK_NOT_FOUND, method="GET", path="/results/12345"),
+    Bad("task id with SQL", 404, TASK_NOT_FOUND, method="GET", path="/results/1;DROP TABLE tasks"),
+    Bad("task id 5000 chars", 404, TASK_NOT_FOUND, method="GET", path="/results/" + "a" * 5000),
+    Bad("task id with an unknown suffix", 404, NOT_FOUND, method="GET", path=f"/results/{uuid.uuid4()}/x"),
+    # Wrong methods.
+    Bad("GET /process", 405, NOT_ALLOWED, method="GET"),
+    Bad("PUT /process", 405, NOT_ALLOWED, body({}), method="PUT"),
+    Bad("DELETE /process", 405, NOT_ALLOWED, method="DELETE"),
+    Bad("POST /results/id", 405, NOT_ALLOWED, body({}), path=f"/results/{uuid.uuid4()}"),
+    Bad("PATCH /results/id", 405, NOT_ALLOWED, body({}), method="PATCH", path=f"/results/{uuid.uuid4()}"),
+    Bad("POST /health", 405, NOT_ALLOWED, path="/health"),
+    Bad("DELETE /openapi.json", 405, NOT_ALLOWED, method="DELETE", path="/openapi.json"),
+    # Unknown paths.
+    Bad("GET /nowhere", 404, NOT_FOUND, method="GET", path="/nowhere"),
+    Bad("POST /process/", 404, NOT_FOUND, body({}), path="/process/"),
+    Bad("GET /results/", 404, NOT_FOUND, method="GET", path="/results/"),
+    Bad("POST /tasks", 404, NOT_FOUND, body({}), path="/tasks"),
 ]
 
 
-@pytest.mark.parametrize("body,content_type,status", [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_input_gets_a_json_4xx_and_writes_nothing(client, clean_db, body, content_type, status):
-    response = client.post("/process", data=body, content_type=content_type)
-    assert response.status_code == status
-    error = response.get_json()["error"]
-    assert isinstance(error["code"], str) and isinstance(error["message"], str)
+@pytest.mark.parametrize("bad", BAD_REQUESTS, ids=[bad.name for bad in BAD_REQUESTS])
+def test_bad_input_gets_a_json_4xx_writes_nothing_and_logs_a_warning(client, clean_db, caplog, bad):
+    caplog.set_level(logging.INFO)
+    response = client.open(
+        bad.path, method=bad.method, data=bad.body, content_type=bad.content_type, headers=bad.headers
+    )
+    assert response.status_code == bad.status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    document = response.get_json()
+    assert set(document) == {"error"}
+    error = document["error"]
+    assert set(error) <= {"code", "message", "details"}
+    assert error["code"] == bad.code
+    assert isinstance(error["message"], str) and error["message"]
+    if bad.status == 405:
+        assert response.headers["Allow"]
     assert count_tasks(clean_db) == 0
+    assert any(record.levelno == logging.WARNING for record in caplog.records), caplog.text
+    assert all(record.levelno < logging.ERROR and record.exc_info is None for record in caplog.records), caplog.text
+    assert "Traceback" not in caplog.text
 
 
-@pytest.mark.parametrize("path", ["/results/" + str(uuid.uuid4()), "/results/not-a-uuid", "/results/1;DROP TABLE tasks"])
-def test_unknown_or_malformed_ids_are_404_json(client, path):
-    response = client.get(path)
-    assert response.status_code == 404
-    assert response.get_json()["error"]["code"] == "task_not_found"
+INJECTION = "'); DROP TABLE tasks; --"
+# The same attack without spaces, which header values may not contain.
+INJECTION_TOKEN = "x');DROP/**/TABLE/**/tasks;--"
+
+# Every string field carrying SQL: stored verbatim, or rejected.
+INJECTIONS = [
+    ("data value", {"data": {"s": INJECTION}}, {}, 202),
+    ("data key", {"data": {INJECTION: 1}}, {}, 202),
+    ("nested data value", {"data": {"a": [{"b": INJECTION}]}}, {}, 202),
+    ("operation", {"operation": INJECTION}, {}, 422),
+    ("operation in data", {"data": {"operation": INJECTION}}, {}, 422),
+    ("run_at", {"run_at": INJECTION}, {}, 422),
+    ("Idempotency-Key", {"data": {}}, {"Idempotency-Key": INJECTION_TOKEN}, 202),
+    ("X-Request-ID", {"data": {}}, {"X-Request-ID": INJECTION_TOKEN}, 202),
+]
 
 
-def test_wrong_method_and_unknown_path_are_json(client):
-    wrong = client.get("/process")
-    assert wrong.status_code == 405
-    assert wrong.get_json()["error"]["code"] == "method_not_allowed"
-    missing = client.get("/nowhere")
-    assert missing.status_code == 404
-    assert missing.get_json()["error"]["code"] == "not_found"
+@pytest.mark.parametrize("sent,headers,status", [case[1:] for case in INJECTIONS], ids=[case[0] for case in INJECTIONS])
+def test_sql_in_a_string_field_is_stored_verbatim_or_rejected_never_run(client, clean_db, sent, headers, status):
+    response = post(client, sent, headers)
+    assert response.status_code == status
+    assert clean_db.execute("SELECT to_regclass('public.tasks') IS NOT NULL AS exists").fetchone()["exists"]
+    rows = clean_db.execute("SELECT task_id, payload, idempotency_key, request_id FROM tasks").fetchall()
+    if status != 202:
+        assert rows == []
+        return
+    assert rows == [
+        {
+            "task_id": uuid.UUID(response.get_json()["task_id"]),
+            "payload": sent["data"],
+            "idempotency_key": headers.get("Idempotency-Key"),
+            "request_id": headers.get("X-Request-ID", rows[0]["request_id"]),
+        }
+    ]
+    assert client.get(f"/results/{rows[0]['task_id']}").get_json()["task_id"] == response.get_json()["task_id"]
+
+
+def test_the_default_body_limit_is_one_mib(database_url, clean_db):
+    app = create_app(Settings(database_url=database_url))
+    try:
+        client = app.test_client()
+        envelope = len(body({"data": {"s": ""}}))
+        over = client.post("/process", data=body({"data": {"s": "x" * ((1 << 20) - envelope + 1)}}), content_type="application/json")
+        assert over.status_code == 413
+        assert over.get_json()["error"]["code"] == "body_too_large"
+        assert count_tasks(clean_db) == 0
+        at_limit = client.post("/process", data=body({"data": {"s": "x" * ((1 << 20) - envelope)}}), content_type="application/json")
+        assert at_limit.status_code == 202
+    finally:
+        app.extensions["asyncproc"].close()
+
+
+def test_unicode_and_big_numbers_are_stored_exactly_as_sent(client, clean_db):
+    data = {"text": "naïve café 中文 🚀 \u202e", "key 🔑": [12345.678, -(10**40), 10**40, 0.1, 1e-300]}
+    response = post(client, {"data": data})
+    assert response.status_code == 202
+    assert clean_db.execute("SELECT payload FROM tasks").fetchone()["payload"] == data
 
 
 def test_idempotency_key_returns_the_original_task(client, clean_db):
@@ -200,3 +343,24 @@ def test_with_redis_down_everything_still_works(database_url, clean_db, worker_c
         assert health.get_json()["cache"] == "down"
     finally:
         app.extensions["asyncproc"].close()
+
+
+def test_task_ids_are_random_uuids_never_sequential(client, clean_db):
+    through_api = [post(client, {"data": {"n": 1}}).get_json()["task_id"] for _ in range(20)]
+    through_sql = [
+        str(clean_db.execute("INSERT INTO tasks (operation) VALUES ('compute') RETURNING task_id").fetchone()["task_id"])
+        for _ in range(20)
+    ]
+    for ids in (through_api, through_sql):
+        parsed = [uuid.UUID(task_id) for task_id in ids]
+        assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
+        assert len(set(parsed)) == len(parsed)
+        # Ids in creation order are neither sorted nor a step apart; for 20
+        # random ids, being in either sorted order has odds of 2 in 20!.
+        assert parsed != sorted(parsed) and parsed != sorted(parsed, reverse=True)
+        steps = {b.int - a.int for a, b in zip(parsed, parsed[1:])}
+        assert len(steps) == len(parsed) - 1
+    default = clean_db.execute(
+        "SELECT column_default FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'task_id'"
+    ).fetchone()["column_default"]
+    assert default == "gen_random_uuid()"

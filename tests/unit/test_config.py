@@ -47,11 +47,28 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_WORKER_CONCURRENCY", "ten"),
         ("ASYNCPROC_LOG_LEVEL", "LOUD"),
         ("ASYNCPROC_RETRY_BACKOFF_SECONDS", "-1"),
+        ("ASYNCPROC_AUTH", "maybe"),
+        ("ASYNCPROC_RATE_LIMIT_PER_SECOND", "0"),
+        ("ASYNCPROC_RATE_LIMIT_BURST", "5"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_access_control_and_rate_limits_are_off_by_default():
+    settings = Settings.from_env({})
+    assert settings.auth == "off" and not settings.auth_required
+    assert settings.rate_limit_per_second is None and settings.rate_limit_burst is None
+
+
+def test_access_control_and_rate_limits_are_read():
+    settings = Settings.from_env({"ASYNCPROC_AUTH": "Required", "ASYNCPROC_RATE_LIMIT_PER_SECOND": "2.5"})
+    assert settings.auth_required
+    assert (settings.rate_limit_per_second, settings.rate_limit_burst) == (2.5, 3)
+    burst = Settings.from_env({"ASYNCPROC_RATE_LIMIT_PER_SECOND": "1", "ASYNCPROC_RATE_LIMIT_BURST": "20"})
+    assert burst.rate_limit_burst == 20
 
 
 def test_the_cli_reports_a_bad_variable_in_one_line():

@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from asyncproc.config import SecondsRange, Settings
-from worker.operations import PermanentError, Registry, Stopped, TaskContext, registry
+from asyncproc.operations import InvalidInput, PermanentError, Registry, Stopped, TaskContext, registry
 from worker.runner import Runner
 
 
@@ -20,10 +20,62 @@ def test_compute_defaults_to_the_seed_result():
     assert registry.get("compute")({"n": 10}, ctx()) == 45
 
 
-@pytest.mark.parametrize("payload", [{"n": -1}, {"n": "10"}, {"n": True}, {"n": 1.5}])
-def test_compute_rejects_bad_input_permanently(payload):
-    with pytest.raises(PermanentError):
-        registry.get("compute")(payload, ctx())
+@pytest.mark.parametrize(
+    "operation,payload,field",
+    [
+        ("compute", {"n": -1}, "data.n"),
+        ("compute", {"n": "10"}, "data.n"),
+        ("compute", {"n": True}, "data.n"),
+        ("compute", {"n": 1.5}, "data.n"),
+        ("compute", {"n": 10**13}, "data.n"),
+        ("sleep", {"seconds": "1"}, "data.seconds"),
+        ("sleep", {"seconds": 86401}, "data.seconds"),
+        ("fail", {"times": -1}, "data.times"),
+        ("fail", {"message": 5}, "data.message"),
+        ("nope", {}, "operation"),
+    ],
+)
+def test_bad_input_is_a_permanent_error_naming_the_field(operation, payload, field):
+    with pytest.raises(InvalidInput) as raised:
+        registry.check(operation, payload)
+    assert isinstance(raised.value, PermanentError)
+    assert [problem["field"] for problem in raised.value.details] == [field]
+
+
+def test_good_input_returns_the_handler():
+    assert registry.check("compute", {"n": 3, "input": 42}) is registry.get("compute")
+    assert registry.check("fail", {"times": 2, "message": "x"}) is registry.get("fail")
+
+
+def test_a_declared_schema_checks_required_nested_and_closed_objects():
+    local = Registry()
+    schema = {
+        "type": "object",
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": "string", "minLength": 1},
+            "sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+            "mode": {"enum": ["fit", "fill"]},
+        },
+    }
+
+    @local.register("resize", input_schema=schema)
+    def resize(payload, ctx):
+        return payload
+
+    assert local.check("resize", {"url": "a", "sizes": [1, 2], "mode": "fit"}) is resize
+    with pytest.raises(InvalidInput) as raised:
+        local.check("resize", {"sizes": [1, 0], "mode": "crop", "extra": 1})
+    assert sorted(p["field"] for p in raised.value.details) == [
+        "data.extra", "data.mode", "data.sizes[1]", "data.url"
+    ]
+    assert local.input_schemas() == {"resize": schema}
+
+
+def test_an_unsupported_schema_keyword_is_refused_at_registration():
+    with pytest.raises(ValueError, match="unsupported input_schema keywords"):
+        Registry().register("x", input_schema={"type": "object", "pattern": "^a"})
 
 
 def test_fail_fails_its_first_times_attempts_then_succeeds():

@@ -1,0 +1,296 @@
+"""GET /openapi.json: the OpenAPI 3.1 description of this API, built from the
+same constants the code validates with, and each operation's input_schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from asyncproc.api import validation
+from asyncproc.config import Settings
+from asyncproc.operations import Registry, registry
+
+JSON = "application/json"
+
+
+def init_app(app: Flask) -> None:
+    document = build(app.extensions["asyncproc"].settings, registry)
+    app.add_url_rule("/openapi.json", "openapi", lambda: document)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _schemas(operations: Registry) -> dict[str, Any]:
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "additionalProperties": False,
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "code": {"type": "string", "description": "stable, machine-readable"},
+                        "message": {"type": "string", "description": "for humans"},
+                        "details": {"description": "what exactly is wrong, e.g. [{\"field\": \"data.n\", ...}]"},
+                    },
+                }
+            },
+        },
+        "ProcessRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "data": {
+                    "type": ["object", "null"],
+                    "description": "The operation's input; its `operation` key may name the operation. "
+                    "Each operation's input schema is in components.schemas as `<operation>.input`.",
+                },
+                "operation": {
+                    "type": ["string", "null"],
+                    "enum": [*operations.names(), None],
+                    "description": f"default {validation.DEFAULT_OPERATION}",
+                },
+                "priority": {
+                    "type": "integer",
+                    "minimum": -validation.PRIORITY_LIMIT,
+                    "maximum": validation.PRIORITY_LIMIT,
+                    "description": "higher runs first; default 0",
+                },
+                "delay_seconds": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": validation.MAX_DELAY_SECONDS,
+                    "description": "not together with run_at",
+                },
+                "run_at": {"type": "string", "format": "date-time", "description": "not together with delay_seconds"},
+                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100, "description": "default 3"},
+            },
+        },
+        "Accepted": {
+            "type": "object",
+            "required": ["task_id", "status", "message"],
+            "additionalProperties": False,
+            "properties": {
+                "task_id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string"},
+                "message": {"type": "string"},
+            },
+        },
+        "Task": {
+            "type": "object",
+            "required": [
+                "task_id", "status", "result", "error_message", "created_at", "completed_at", "operation",
+                "attempts", "max_attempts", "started_at", "scheduled_at", "progress",
+            ],
+            "properties": {
+                "task_id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "enum": ["pending", "running", "completed", "failed", "cancelled"]},
+                "result": {"description": "the handler's return value; null until completed"},
+                "error_message": {"type": ["string", "null"]},
+                "created_at": {"type": "string", "format": "date-time"},
+                "completed_at": nullable_time,
+                "operation": {"type": "string"},
+                "attempts": {"type": "integer", "minimum": 0},
+                "max_attempts": {"type": "integer", "minimum": 1},
+                "started_at": nullable_time,
+                "scheduled_at": {"type": "string", "format": "date-time"},
+                "progress": {"type": ["integer", "null"], "minimum": 0, "maximum": 100},
+                "progress_message": {"type": ["string", "null"]},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "database", "cache"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "unavailable"]},
+                "database": {"type": "string", "enum": ["ok", "down"]},
+                "cache": {"type": "string", "enum": ["ok", "down", "disabled"]},
+            },
+        },
+    }
+    for name, schema in operations.input_schemas().items():
+        schemas[f"{name}.input"] = schema
+    return schemas
+
+
+def build(settings: Settings, operations: Registry) -> dict[str, Any]:
+    guarded: dict[str, Any] = {}
+    if settings.auth_required:
+        guarded["401"] = _error(
+            "missing, unknown or revoked API key",
+            {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        )
+    if settings.rate_limit_per_second is not None:
+        guarded["429"] = _error(
+            "rate limit exceeded", {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+        )
+    unavailable = {"503": _error("the database is unavailable; retry shortly")}
+    security = {"security": [{"bearerAuth": []}]} if settings.auth_required else {}
+    accepted_headers = {"Location": {"schema": {"type": "string"}, "description": "/results/{task_id}"}}
+    task_id_parameter = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    not_found = _error("no such task, a malformed id, or another key's task")
+    paths = {
+        "/process": {
+            "post": {
+                "operationId": "createTask",
+                "summary": "Store and queue one task",
+                **security,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": validation.HEADER_VALUE.pattern},
+                        "description": "a repeat with the same key and request returns the original task",
+                    },
+                    {
+                        "name": "X-Request-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "kept on the task; replaced when not 1-255 printable ASCII characters",
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("ProcessRequest")}},
+                },
+                "responses": {
+                    "202": {
+                        "description": "stored and queued",
+                        "headers": accepted_headers,
+                        "content": {JSON: {"schema": _ref("Accepted")}},
+                    },
+                    "200": {
+                        "description": "an Idempotency-Key repeat: the original task",
+                        "headers": accepted_headers,
+                        "content": {JSON: {"schema": _ref("Accepted")}},
+                    },
+                    "400": _error("the body is empty or not JSON"),
+                    "409": _error("the Idempotency-Key was used for a different request"),
+                    "413": _error(f"the body is over {settings.max_body_bytes} bytes"),
+                    "415": _error("the body is not application/json"),
+                    "422": _error("a field has a wrong type or value, the operation is unknown, "
+                                  "or the input fails the operation's schema"),
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/results/{task_id}": {
+            "get": {
+                "operationId": "getTask",
+                "summary": "A task's status and result",
+                **security,
+                "parameters": [
+                    task_id_parameter,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": validation.MAX_WAIT_SECONDS},
+                        "description": "long poll: answer as soon as the task is finished, or after this many seconds",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "the task", "content": {JSON: {"schema": _ref("Task")}}},
+                    "404": not_found,
+                    "422": _error("wait is not a number of seconds from 0 to 60"),
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/results/{task_id}/events": {
+            "get": {
+                "operationId": "streamTask",
+                "summary": "Server-Sent Events: the task on every status or progress change, until it is finished",
+                **security,
+                "parameters": [task_id_parameter],
+                "responses": {
+                    "200": {
+                        "description": "a stream of `event: task` with the task as `data`, and keepalive comments",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "404": not_found,
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/results/{task_id}/retry": {
+            "post": {
+                "operationId": "retryTask",
+                "summary": "Re-queue a failed or cancelled task (SQL asyncproc_retry)",
+                **security,
+                "parameters": [task_id_parameter],
+                "responses": {
+                    "202": {"description": "queued again", "content": {JSON: {"schema": _ref("Task")}}},
+                    "404": not_found,
+                    "409": _error("the task is not failed or cancelled"),
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/results/{task_id}/cancel": {
+            "post": {
+                "operationId": "cancelTask",
+                "summary": "Cancel a pending task, or ask a running one to stop (SQL asyncproc_cancel)",
+                **security,
+                "parameters": [task_id_parameter],
+                "responses": {
+                    "200": {"description": "cancelled", "content": {JSON: {"schema": _ref("Task")}}},
+                    "404": not_found,
+                    "409": _error("the task is already finished"),
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness and readiness; never needs a key",
+                "responses": {
+                    "200": {"description": "the database answers", "content": {JSON: {"schema": _ref("Health")}}},
+                    "503": {"description": "the database does not answer", "content": {JSON: {"schema": _ref("Health")}}},
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document; never needs a key",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "asyncproc",
+            "version": "1",
+            "description": "A task service whose queue is PostgreSQL. Every error is "
+            '{"error": {"code", "message", "details"?}}; a wrong method is a 405 and an unknown path a 404.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(operations),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "asyncproc keys create NAME"}},
+        },
+    }

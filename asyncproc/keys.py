@@ -1,0 +1,93 @@
+"""API keys: create, verify, revoke, list.
+
+A key reads `apk_<id>_<secret>`. Only sha256(secret) is stored: the secret is
+256 random bits, so a slow password hash would add nothing. Verification looks
+the row up by id and compares the hashes in constant time; the key is never
+logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from asyncproc.db import query
+
+PREFIX = "apk"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
+_KEY_PATTERN = re.compile(rf"^{PREFIX}_(\d{{1,18}})_([A-Za-z0-9_-]{{43}})$")
+# Compared against when the id is unknown, so that both paths do the same work.
+_NO_HASH = bytes(32)
+
+
+class KeyCommandError(Exception):
+    """A refused key command; the message says why."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: int
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def create(conn: psycopg.Connection, name: str) -> str:
+    """Store a new key under `name` and return it; this is the only time it is seen."""
+    if not NAME_PATTERN.match(name):
+        raise KeyCommandError("a key name is 1-100 letters, digits, '_', '.', '@' or '-'")
+    secret = secrets.token_urlsafe(32)
+    try:
+        row = conn.execute(query("api_key_insert"), {"name": name, "key_hash": _hash(secret)}).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise KeyCommandError(f"a live key named {name!r} exists; revoke it first") from None
+    return f"{PREFIX}_{row['id']}_{secret}"
+
+
+def verify(conn: psycopg.Connection, key: str) -> int | None:
+    """The id of the live key `key`, or None."""
+    match = _KEY_PATTERN.match(key)
+    if match is None:
+        return None
+    row = conn.execute(query("api_key_get_live"), {"id": int(match.group(1))}).fetchone()
+    stored = _NO_HASH if row is None else bytes(row["key_hash"])
+    if hmac.compare_digest(stored, _hash(match.group(2))) and row is not None:
+        return row["id"]
+    return None
+
+
+def revoke(conn: psycopg.Connection, name: str) -> bool:
+    """Revoke the live key named `name`; False when there is none."""
+    return conn.execute(query("api_key_revoke"), {"name": name}).fetchone() is not None
+
+
+def list_keys(conn: psycopg.Connection) -> list[ApiKey]:
+    return [ApiKey(**row) for row in conn.execute(query("api_key_list"))]
+
+
+def run(conn: psycopg.Connection, action: str, name: str | None) -> int:
+    """`asyncproc keys create|revoke|list`: print the outcome; the exit code."""
+    if action == "create":
+        print(create(conn, name))
+        print(f"key {name!r} created; it is shown only this once", file=sys.stderr)
+        return 0
+    if action == "revoke":
+        if not revoke(conn, name):
+            raise KeyCommandError(f"no live key named {name!r}")
+        print(f"key {name!r} revoked")
+        return 0
+    for key in list_keys(conn):
+        state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "live"
+        print(f"{key.name}\tcreated {key.created_at.isoformat()}\t{state}")
+    return 0
