@@ -22,6 +22,7 @@ from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
 from asyncproc.service import encode_document
+from worker.metrics import WorkerMetrics
 from worker.operations import PermanentError, Registry, TaskContext
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,14 @@ class Runner:
         cache: ResultCache,
         registry: Registry,
         executor: Executor,
+        metrics: WorkerMetrics | None = None,
     ):
         self.settings = settings
         self.pool = pool
         self.cache = cache
         self.registry = registry
         self.executor = executor
+        self.metrics = metrics or WorkerMetrics()
         self.in_flight = 0
 
     async def run(self, raw_task_id: str) -> None:
@@ -65,10 +68,12 @@ class Runner:
     async def _run_claimed(self, task: Task) -> None:
         await self._cache_call(self.cache.invalidate, task.task_id)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
+        self.metrics.started(task.operation, task.scheduled_at, task.started_at)
         try:
             result = await self._execute(task)
         except asyncio.CancelledError:
             log.warning("task %s interrupted by shutdown; re-queueing it", task.task_id)
+            self.metrics.finished(task.operation, "interrupted")
             await self._write(
                 ledger.task_mark_retry, task.task_id, task.attempts, "interrupted by worker shutdown", 0.0
             )
@@ -94,13 +99,21 @@ class Runner:
             compute_seconds=self.settings.compute_seconds,
         )
         self.in_flight += 1
+        self.metrics.running.inc()
+        started = time.monotonic()
+        ok = False
         try:
             if inspect.iscoroutinefunction(handler):
-                return await handler(task.payload, ctx)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
+                result = await handler(task.payload, ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
+            ok = True
+            return result
         finally:
             self.in_flight -= 1
+            self.metrics.running.dec()
+            self.metrics.ran(task.operation, time.monotonic() - started, ok)
 
     async def _complete(self, task: Task, result: Any) -> None:
         try:
@@ -117,6 +130,7 @@ class Runner:
             log.warning("task %s changed while it ran (cancelled or re-queued); result discarded", task.task_id)
             return
         log.info("task %s completed", task.task_id)
+        self.metrics.finished(task.operation, "completed")
         await self._cache_call(self.cache.put, done.task_id, encode_document(done))
 
     async def _fail(self, task: Task, error: str, retry: bool) -> None:
@@ -125,12 +139,14 @@ class Runner:
             recorded = await self._write(ledger.task_mark_retry, task.task_id, task.attempts, error, delay)
             if recorded is not None:
                 log.warning("task %s attempt %s failed (%s); retrying in %.1fs", task.task_id, task.attempts, error, delay)
+                self.metrics.finished(task.operation, "retried")
             return
         failed = await self._write(ledger.task_mark_failed, task.task_id, task.attempts, error)
         if failed is None:
             log.warning("task %s changed while it ran; failure not recorded", task.task_id)
             return
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
+        self.metrics.finished(task.operation, "failed")
         await self._cache_call(self.cache.put, failed.task_id, encode_document(failed))
 
     def backoff(self, attempt: int) -> float:

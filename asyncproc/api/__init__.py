@@ -50,9 +50,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         cache=ResultCache(settings.redis_url, settings.result_ttl_seconds),
     )
 
-    from asyncproc.api import routes
+    from asyncproc.api import metrics, routes
 
     routes.init_app(app)
+    metrics.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
