@@ -59,7 +59,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concurrency: int = 20) -> tuple[Service, list[subprocess.Popen]]:
+def start_service(
+    tmp_dir: Path,
+    database_url: str,
+    redis_url: str | None,
+    concurrency: int = 20,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Service, list[subprocess.Popen]]:
     port = free_port()
     env = {
         **os.environ,
@@ -74,6 +80,7 @@ def start_service(tmp_dir: Path, database_url: str, redis_url: str | None, concu
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url
+    env.update(extra_env or {})
     processes = [
         _start(["api", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env, tmp_dir / "api.log"),
         _start(["worker", "--concurrency", str(concurrency)], env, tmp_dir / "worker.log"),
