@@ -112,6 +112,10 @@ def test_task_and_queue_metrics_come_from_the_ledger(running, traffic):
     assert sample(samples, "asyncproc_tasks", operation="fail", status="failed") == FAILS
     assert sample(samples, "asyncproc_queue_depth") == 0
     assert sample(samples, "asyncproc_queue_oldest_age_seconds") == 0
+    for histogram in ("asyncproc_ledger_run_seconds", "asyncproc_ledger_queue_wait_seconds"):
+        assert sample(samples, f"{histogram}_count", operation="compute") == COMPUTES
+        assert sample(samples, f"{histogram}_bucket", operation="compute", le="+Inf") == COMPUTES
+        assert sample(samples, f"{histogram}_count", operation="fail") == FAILS
 
     running.service.submit({"operation": "sleep", "delay_seconds": 3600})
     samples = scrape(f"{running.service.base_url}/metrics")

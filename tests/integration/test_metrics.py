@@ -76,3 +76,28 @@ def test_with_the_database_gone_metrics_still_answer_and_say_so():
         application.extensions["asyncproc"].pool.close()
     assert samples[("asyncproc_database_up", frozenset())] == 0
     assert not any(name.startswith("asyncproc_queue") for name, _ in samples)
+
+
+def test_run_time_and_queue_wait_histograms_come_from_the_ledger(app, idle_database):
+    with db.connect(idle_database) as conn:
+        task_id = conn.execute(
+            "INSERT INTO tasks (operation, scheduled_at) VALUES ('timed', now() - interval '60 seconds') RETURNING task_id"
+        ).fetchone()["task_id"]
+        # As a worker would: it started 3 s ago, 57 s after it became due, and completes now.
+        conn.execute(
+            "UPDATE tasks SET status = 'running', attempts = 1, started_at = now() - interval '3 seconds' WHERE task_id = %s",
+            (task_id,),
+        )
+        conn.execute("UPDATE tasks SET status = 'completed' WHERE task_id = %s", (task_id,))
+    samples = scrape(app.test_client())
+
+    def bucket(name: str, le: str) -> float:
+        return samples[(f"{name}_bucket", frozenset({("operation", "timed"), ("le", le)}))]
+
+    run, wait = "asyncproc_ledger_run_seconds", "asyncproc_ledger_queue_wait_seconds"
+    assert (bucket(run, "2.5"), bucket(run, "5.0"), bucket(run, "+Inf")) == (0, 1, 1)
+    assert 3 <= samples[(f"{run}_sum", frozenset({("operation", "timed")}))] < 5
+    assert (bucket(wait, "30.0"), bucket(wait, "60.0"), bucket(wait, "+Inf")) == (0, 1, 1)
+    assert samples[(f"{wait}_count", frozenset({("operation", "timed")}))] == 1
+    # Pending tasks have neither figure yet.
+    assert (f"{run}_count", frozenset({("operation", "sleep")})) not in samples
