@@ -6,8 +6,12 @@ what these tests sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -72,30 +76,55 @@ def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def gunicorn_workers(logs: Path) -> list[int]:
+    booted = [line["message"] for line in json_lines(logs / "api.log") if line["message"].startswith("Booting worker")]
+    return [int(message.rsplit(" ", 1)[1]) for message in booted]
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Stop one gunicorn process so that the other must accept every connection meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
-def traffic(running: Running) -> dict[str, list[str]]:
-    """One request at a time, each on a new connection: with both gunicorn
-    processes idle, either may accept it, so both serve some (checked below)."""
+def api_processes(running: Running) -> list[int]:
+    return wait_for(lambda: len(gunicorn_workers(running.service.logs)) == 2 and gunicorn_workers(running.service.logs), 10, "two gunicorn processes")
+
+
+@pytest.fixture(scope="module")
+def traffic(running: Running, api_processes: list[int]) -> dict[str, list[str]]:
+    """Requests that each gunicorn process serves a known share of."""
     service = running.service
-    computes = [service.submit({"data": {"n": i}}) for i in range(COMPUTES)]
-    fails = [service.submit({"operation": "fail", "max_attempts": 1}) for _ in range(FAILS)]
-    assert [service.get("not-a-task-id").status_code for _ in range(MISSING)] == [404] * MISSING
+    first, second = api_processes
+    with paused(second):
+        computes = [service.submit({"data": {"n": i}}) for i in range(COMPUTES // 2)]
+        fails = [service.submit({"operation": "fail", "max_attempts": 1}) for _ in range(FAILS)]
+    with paused(first):
+        computes += [service.submit({"data": {"n": i}}) for i in range(COMPUTES // 2, COMPUTES)]
+        assert [service.get("not-a-task-id").status_code for _ in range(MISSING)] == [404] * MISSING
     for task_id in computes + fails:
         service.wait_finished(task_id)
     return {"compute": computes, "fail": fails}
 
 
-def test_request_metrics_add_up_across_gunicorn_processes(running, traffic):
-    served_by = {
+def test_request_metrics_add_up_across_gunicorn_processes(running, api_processes, traffic):
+    first, second = api_processes
+    served = Counter(
         line["pid"] for line in json_lines(running.service.logs / "api.log") if line["message"].startswith("queued task")
-    }
-    assert len(served_by) == 2, f"both gunicorn processes should have served POSTs, saw pids {served_by}"
+    )
+    assert served == {first: COMPUTES // 2 + FAILS, second: COMPUTES - COMPUTES // 2}
     posted = {"method": "POST", "route": "/process", "status": "202"}
     missing = {"method": "GET", "route": "/results/<path:raw_id>", "status": "404"}
-    # Each scrape is answered by whichever process accepts it; every one sees all processes' counts.
-    for _ in range(6):
-        samples = scrape(f"{running.service.base_url}/metrics")
-        assert sample(samples, "asyncproc_http_requests_total", **posted) == COMPUTES + FAILS
+    # Each process answers a scrape on its own, and each reports the sum over both.
+    for answering, other in ((first, second), (second, first)):
+        with paused(other):
+            samples = scrape(f"{running.service.base_url}/metrics")
+        assert sample(samples, "asyncproc_http_requests_total", **posted) == COMPUTES + FAILS, answering
         assert sample(samples, "asyncproc_http_request_duration_seconds_count", **posted) == COMPUTES + FAILS
         assert sample(samples, "asyncproc_http_request_duration_seconds_bucket", **posted, le="+Inf") == COMPUTES + FAILS
         assert sample(samples, "asyncproc_http_requests_total", **missing) == MISSING
