@@ -49,6 +49,7 @@ class Runner:
         self.executor = executor
         self.metrics = metrics or WorkerMetrics()
         self.in_flight = 0
+        self.metrics.running.set_function(lambda: self.in_flight)
 
     async def run(self, raw_task_id: str) -> None:
         task_id = UUID(raw_task_id)
@@ -70,7 +71,7 @@ class Runner:
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
         self.metrics.started(task.operation, task.scheduled_at, task.started_at)
         try:
-            result = await self._execute(task)
+            result = await self._execute_timed(task)
         except asyncio.CancelledError:
             log.warning("task %s interrupted by shutdown; re-queueing it", task.task_id)
             self.metrics.finished(task.operation, "interrupted")
@@ -84,6 +85,16 @@ class Runner:
             await self._fail(task, _describe(exc), retry=True)
         else:
             await self._complete(task, result)
+
+    async def _execute_timed(self, task: Task) -> Any:
+        started = time.monotonic()
+        try:
+            result = await self._execute(task)
+        except BaseException:
+            self.metrics.ran(task.operation, time.monotonic() - started, ok=False)
+            raise
+        self.metrics.ran(task.operation, time.monotonic() - started, ok=True)
+        return result
 
     async def _execute(self, task: Task) -> Any:
         handler = self.registry.get(task.operation)
@@ -99,21 +110,13 @@ class Runner:
             compute_seconds=self.settings.compute_seconds,
         )
         self.in_flight += 1
-        self.metrics.running.inc()
-        started = time.monotonic()
-        ok = False
         try:
             if inspect.iscoroutinefunction(handler):
-                result = await handler(task.payload, ctx)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
-            ok = True
-            return result
+                return await handler(task.payload, ctx)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
         finally:
             self.in_flight -= 1
-            self.metrics.running.dec()
-            self.metrics.ran(task.operation, time.monotonic() - started, ok)
 
     async def _complete(self, task: Task, result: Any) -> None:
         try:
