@@ -101,3 +101,4 @@ def test_run_time_and_queue_wait_histograms_come_from_the_ledger(app, idle_datab
     assert samples[(f"{wait}_count", frozenset({("operation", "timed")}))] == 1
     # Pending tasks have neither figure yet.
     assert (f"{run}_count", frozenset({("operation", "sleep")})) not in samples
+
