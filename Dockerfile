@@ -1,4 +1,7 @@
 # syntax=docker/dockerfile:1
+# One image for every asyncproc command: `asyncproc api` (the default, gunicorn),
+# `asyncproc worker` and `asyncproc migrate`. See docker-compose.yml.
+
 # Build stage: a virtualenv with asyncproc and its dependencies.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -9,18 +12,23 @@ COPY asyncproc ./asyncproc
 COPY worker ./worker
 RUN /opt/venv/bin/pip install .
 
-# Runtime stage: the virtualenv, the migrations, and an unprivileged user.
+# Runtime stage: the virtualenv and the migrations, run by an unprivileged user.
+# No compiler and no pip cache: only what the commands need.
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /app asyncproc
+RUN useradd --system --uid 10001 --no-create-home --home-dir /app asyncproc
 COPY --from=build /opt/venv /opt/venv
 COPY migrations /app/migrations
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     ASYNCPROC_MIGRATIONS_DIR=/app/migrations \
-    ASYNCPROC_BIND=0.0.0.0:8000
+    ASYNCPROC_BIND=0.0.0.0:8000 \
+    ASYNCPROC_LOG_FORMAT=json
 WORKDIR /app
 USER asyncproc
-EXPOSE 8000
+# 8000: the API (ASYNCPROC_BIND). 9100: a worker's metrics (--metrics-port).
+EXPOSE 8000 9100
+# The API's health; the worker service replaces it with a probe of its metrics port.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
 CMD ["asyncproc", "api"]

@@ -56,6 +56,12 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     key_commands.add_parser("create", help="create a key and print it (shown only this once)").add_argument("name")
     key_commands.add_parser("revoke", help="revoke the live key with this name").add_argument("name")
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=settings.worker_metrics_port,
+        help="serve Prometheus metrics on this port (ASYNCPROC_WORKER_METRICS_PORT); off by default",
+    )
     return parser
 
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
     args = _parser(settings).parse_args(argv)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "up":
             from asyncproc import supervisor
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             from worker import main as worker_main
 
             _require_database(settings)
-            return worker_main.run(settings, concurrency=args.concurrency)
+            return worker_main.run(settings, concurrency=args.concurrency, metrics_port=args.metrics_port)
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ class Settings:
     redis_url: str | None = None
     bind: str = "127.0.0.1:8000"
     log_level: str = "INFO"
+    log_format: str = "text"
     data_dir: Path = PROJECT_ROOT / ".asyncproc"
     migrations_dir: Path = PROJECT_ROOT / "migrations"
     operations_module: str | None = None
@@ -50,13 +51,13 @@ class Settings:
     heartbeat_seconds: float = 10.0
     retry_backoff_seconds: float = 1.0
     retry_backoff_max_seconds: float = 300.0
-    default_max_attempts: int = 3
     result_ttl_seconds: int = 3600
     progress_interval_seconds: float = 1.0
     compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
     auth: str = "off"
     rate_limit_per_second: float | None = None
     rate_limit_burst: int | None = None
+    worker_metrics_port: int | None = None
 
     @property
     def auth_required(self) -> bool:
@@ -65,7 +66,10 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        reader = _Reader(env)
+        return cls._read(_Reader(env))
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "Settings":
         default = cls()
         return cls(
             database_url=reader.text("DATABASE_URL", None),
@@ -74,6 +78,7 @@ class Settings:
             log_level=reader.choice(
                 "ASYNCPROC_LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
+            log_format=reader.choice("ASYNCPROC_LOG_FORMAT", default.log_format.upper(), ("JSON", "TEXT")).lower(),
             data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))),
             migrations_dir=Path(
                 reader.text("ASYNCPROC_MIGRATIONS_DIR", str(default.migrations_dir))
@@ -109,9 +114,6 @@ class Settings:
             retry_backoff_max_seconds=reader.number(
                 "ASYNCPROC_RETRY_BACKOFF_MAX_SECONDS", default.retry_backoff_max_seconds, 0, 86400
             ),
-            default_max_attempts=reader.integer(
-                "ASYNCPROC_MAX_ATTEMPTS", default.default_max_attempts, 1, 100
-            ),
             result_ttl_seconds=reader.integer(
                 "ASYNCPROC_RESULT_TTL_SECONDS", default.result_ttl_seconds, 1, 30 * 86400
             ),
@@ -123,17 +125,30 @@ class Settings:
             ),
             auth=reader.choice("ASYNCPROC_AUTH", default.auth.upper(), ("OFF", "REQUIRED")).lower(),
             **reader.rate_limit("ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
+            worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
         )
 
     def with_database(self, database_url: str) -> "Settings":
         return replace(self, database_url=database_url)
 
 
+def variable_names() -> tuple[str, ...]:
+    """Every environment variable from_env reads, taken from a dry run so the list cannot drift.
+
+    The Docker files and .env.example are checked against it.
+    """
+    reader = _Reader({})
+    Settings._read(reader)
+    return tuple(reader.names)
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str]):
         self._env = env
+        self.names: list[str] = []
 
     def _raw(self, name: str) -> str | None:
+        self.names.append(name)
         value = self._env.get(name)
         if value is None or value.strip() == "":
             return None
@@ -160,6 +175,9 @@ class _Reader:
             return number
 
         return self._parse(name, default, parse, f"an integer from {low} to {high}")
+
+    def optional_integer(self, name: str, low: int, high: int) -> int | None:
+        return self.integer(name, None, low, high)
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         def parse(value: str) -> float:

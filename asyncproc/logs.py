@@ -1,9 +1,15 @@
-"""Logging set-up: every line carries the id of the request or task it serves."""
+"""Logging set-up: every line carries the id of the request or task it serves.
+
+Two formats (ASYNCPROC_LOG_FORMAT): `text` for people at a terminal, and
+`json`, one object per line, for log collectors. Both carry the request id.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
+from datetime import datetime, timezone
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -16,9 +22,31 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; a traceback stays inside its line as `exception`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", request_id_var.get()),
+            "process": record.processName,
+            "pid": record.process,
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT)
+
+
+def configure(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(formatter(fmt))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -22,6 +22,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
+from worker.metrics import WorkerMetrics
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,17 @@ _DB_ERRORS = (
 )
 
 
-def run(settings: Settings, concurrency: int) -> int:
+def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
     """Run a worker until SIGTERM or SIGINT; returns the exit code."""
     load_user_module(settings.operations_module)
     log.info("operations: %s", ", ".join(registry.names()))
+    metrics = WorkerMetrics()
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
     # Sized to the concurrency: the loop's default pool would cap sync handlers
     # at min(32, cpus + 4) running at once.
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
-    abandoned = asyncio.run(_serve(settings, concurrency, executor))
+    abandoned = asyncio.run(_serve(settings, concurrency, executor, metrics))
     if abandoned:
         # Handler threads cannot be interrupted, and their tasks were re-queued.
         log.warning("exiting with %s handler thread(s) still running", abandoned)
@@ -52,12 +56,12 @@ def run(settings: Settings, concurrency: int) -> int:
     return 0
 
 
-async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecutor) -> int:
+async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecutor, metrics: WorkerMetrics) -> int:
     """Serve until asked to stop; returns how many handlers are still running."""
     pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
     await pool.open(wait=False)
     cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
-    runner = Runner(settings, pool, cache, registry, executor)
+    runner = Runner(settings, pool, cache, registry, executor, metrics)
     app = build_app(runner)
 
     stopping = asyncio.Event()

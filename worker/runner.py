@@ -24,6 +24,7 @@ from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
 from asyncproc.operations import PermanentError, Registry, TaskContext
 from asyncproc.service import encode_document
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,17 @@ class Runner:
         cache: ResultCache,
         registry: Registry,
         executor: Executor,
+        metrics: WorkerMetrics | None = None,
     ):
         self.settings = settings
         self.pool = pool
         self.cache = cache
         self.registry = registry
         self.executor = executor
+        self.metrics = metrics or WorkerMetrics()
         self.in_flight = 0
         self._count_lock = threading.Lock()
+        self.metrics.running.set_function(lambda: self.in_flight)
 
     async def run(self, raw_task_id: str) -> None:
         task_id = UUID(raw_task_id)
@@ -75,12 +79,14 @@ class Runner:
             compute_seconds=self.settings.compute_seconds,
             progress_sink=ProgressWriter(self, task, asyncio.get_running_loop()).report,
         )
+        self.metrics.started(task.operation, task.scheduled_at, task.started_at)
         try:
-            result = await self._execute(task, ctx)
+            result = await self._execute_timed(task, ctx)
         except asyncio.CancelledError:
             # A shutdown past its grace period, or a cancellation of the task.
             # A cancelled task is no longer running, so this re-queue is a no-op.
             ctx.stop_event.set()
+            self.metrics.finished(task.operation, "interrupted")
             requeued = await self._write(
                 ledger.task_mark_retry, task.task_id, task.attempts, "interrupted by worker shutdown", 0.0
             )
@@ -95,6 +101,16 @@ class Runner:
             await self._fail(task, _describe(exc), retry=True)
         else:
             await self._complete(task, result)
+
+    async def _execute_timed(self, task: Task, ctx: TaskContext) -> Any:
+        started = time.monotonic()
+        try:
+            result = await self._execute(task, ctx)
+        except BaseException:
+            self.metrics.ran(task.operation, time.monotonic() - started, ok=False)
+            raise
+        self.metrics.ran(task.operation, time.monotonic() - started, ok=True)
+        return result
 
     async def _execute(self, task: Task, ctx: TaskContext) -> Any:
         # Rows inserted with psql never passed the API's check.
@@ -129,6 +145,7 @@ class Runner:
             log.warning("task %s changed while it ran (cancelled or re-queued); result discarded", task.task_id)
             return
         log.info("task %s completed", task.task_id)
+        self.metrics.finished(task.operation, "completed")
         await self._cache_call(self.cache.put, done.task_id, encode_document(done))
 
     async def _fail(self, task: Task, error: str, retry: bool) -> None:
@@ -137,12 +154,14 @@ class Runner:
             recorded = await self._write(ledger.task_mark_retry, task.task_id, task.attempts, error, delay)
             if recorded is not None:
                 log.warning("task %s attempt %s failed (%s); retrying in %.1fs", task.task_id, task.attempts, error, delay)
+                self.metrics.finished(task.operation, "retried")
             return
         failed = await self._write(ledger.task_mark_failed, task.task_id, task.attempts, error)
         if failed is None:
             log.warning("task %s changed while it ran; failure not recorded", task.task_id)
             return
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
+        self.metrics.finished(task.operation, "failed")
         await self._cache_call(self.cache.put, failed.task_id, encode_document(failed))
 
     def backoff(self, attempt: int) -> float:

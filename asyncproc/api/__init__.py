@@ -61,11 +61,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         events=TaskEvents(settings, cache).start(),
     )
 
-    from asyncproc.api import auth, openapi, routes
+    from asyncproc.api import auth, metrics, openapi, routes
 
     routes.init_app(app)
     auth.init_app(app)
     openapi.init_app(app)
+    metrics.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

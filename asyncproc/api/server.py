@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from asyncproc import logs
@@ -23,6 +27,7 @@ class ApiServer(BaseApplication):
             "keepalive": 5,
             "accesslog": None,
             "errorlog": "-",
+            "logger_class": _gunicorn_logger(settings.log_format),
             "loglevel": settings.log_level.lower(),
             "proc_name": "asyncproc-api",
             # Several APIs may run on one host (tests, scaling out); none needs it.
@@ -38,9 +43,28 @@ class ApiServer(BaseApplication):
         # Runs in each gunicorn worker after fork, so every process opens its own pool.
         from asyncproc.api import create_app
 
-        logs.configure(self.settings.log_level)
+        logs.configure(self.settings.log_level, self.settings.log_format)
         return create_app(self.settings)
 
 
+def _gunicorn_logger(fmt: str) -> type[glogging.Logger]:
+    """gunicorn's own lines (start-up, worker exits) in the same format as ours."""
+
+    class Logger(glogging.Logger):
+        def setup(self, cfg) -> None:
+            super().setup(cfg)
+            for handler in self.error_log.handlers:
+                handler.setFormatter(logs.formatter(fmt))
+                handler.addFilter(logs.RequestIdFilter())
+
+    return Logger
+
+
 def run(settings: Settings, bind: str, workers: int) -> None:
-    ApiServer(settings, bind, workers).run()
+    # /metrics must add up every gunicorn process. prometheus_client keeps each
+    # process's counters in files under PROMETHEUS_MULTIPROC_DIR, which it reads
+    # when it is first imported: in the workers, after this fork. One fresh
+    # directory per run, so counts never mix runs, removed when gunicorn exits.
+    with tempfile.TemporaryDirectory(prefix="asyncproc-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        ApiServer(settings, bind, workers).run()

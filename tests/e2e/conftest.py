@@ -59,14 +59,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_service(
-    tmp_dir: Path,
-    database_url: str,
-    redis_url: str | None,
-    concurrency: int = 20,
-    extra_env: dict[str, str] | None = None,
-) -> tuple[Service, list[subprocess.Popen]]:
-    port = free_port()
+def service_env(database_url: str, redis_url: str | None, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the test's API and worker processes."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -77,11 +71,23 @@ def start_service(
         "ASYNCPROC_LOG_LEVEL": "INFO",
         "ASYNCPROC_OPERATIONS_MODULE": "tests.e2e.custom_operations",
         "ASYNCPROC_PROGRESS_INTERVAL_SECONDS": "0.05",
-        **(extra_env or {}),
     }
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url
+    env.update(extra_env or {})
+    return env
+
+
+def start_service(
+    tmp_dir: Path,
+    database_url: str,
+    redis_url: str | None,
+    concurrency: int = 20,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Service, list[subprocess.Popen]]:
+    port = free_port()
+    env = service_env(database_url, redis_url, extra_env)
     processes = [
         _start(["api", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env, tmp_dir / "api.log"),
         _start(["worker", "--concurrency", str(concurrency)], env, tmp_dir / "worker.log"),

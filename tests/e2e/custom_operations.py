@@ -1,6 +1,9 @@
 """A user's handler module, loaded by the e2e worker via ASYNCPROC_OPERATIONS_MODULE."""
 
 import asyncio
+import json
+import os
+import time
 
 from asyncproc.operations import operation
 
@@ -25,3 +28,24 @@ def steps(payload, ctx):
             return {"stopped_at": step}
         ctx.report_progress(step * 100 // (count + 1), f"step {step}")
     return {"steps": count}
+
+
+@operation("whoami")
+def whoami(payload, ctx):
+    """Records each run (task, worker pid, start, end) so a test can see who ran what and when.
+
+    One append-only file per worker process in ASYNCPROC_TEST_RUNS_DIR; each
+    run is a single os.write of one short line, which O_APPEND keeps whole.
+    """
+    started = time.time()
+    time.sleep(float(payload.get("seconds", 0)))
+    finished = time.time()
+    pid = os.getpid()
+    line = json.dumps({"task_id": str(ctx.task_id), "pid": pid, "started": started, "finished": finished}) + "\n"
+    path = os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{pid}.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return {"pid": pid}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from asyncproc.config import SecondsRange, Settings
+from asyncproc.config import SecondsRange, Settings, variable_names
 from asyncproc.errors import ConfigError
 
 
@@ -50,6 +50,9 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_AUTH", "maybe"),
         ("ASYNCPROC_RATE_LIMIT_PER_SECOND", "0"),
         ("ASYNCPROC_RATE_LIMIT_BURST", "5"),
+        ("ASYNCPROC_LOG_FORMAT", "xml"),
+        ("ASYNCPROC_WORKER_METRICS_PORT", "0"),
+        ("ASYNCPROC_WORKER_METRICS_PORT", "http"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
@@ -91,3 +94,20 @@ def test_the_cli_asks_for_a_database_url_where_one_is_needed():
     assert result.returncode == 2
     assert "DATABASE_URL is not set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_variable_names_lists_every_variable_read_once():
+    names = variable_names()
+    assert len(names) == len(set(names))
+    assert {"DATABASE_URL", "REDIS_URL", "ASYNCPROC_LOG_FORMAT", "ASYNCPROC_WORKER_METRICS_PORT"} <= set(names)
+    # Each listed variable really changes or is checked by from_env: a bad value is refused by name.
+    for name in names:
+        if name.startswith("ASYNCPROC_") and name not in {"ASYNCPROC_DATA_DIR", "ASYNCPROC_MIGRATIONS_DIR", "ASYNCPROC_OPERATIONS_MODULE"}:
+            with pytest.raises(ConfigError, match=name):
+                Settings.from_env({name: "not valid!"})
+
+
+def test_log_format_and_worker_metrics_port_are_read():
+    settings = Settings.from_env({"ASYNCPROC_LOG_FORMAT": "JSON", "ASYNCPROC_WORKER_METRICS_PORT": "9100"})
+    assert (settings.log_format, settings.worker_metrics_port) == ("json", 9100)
+    assert (Settings().log_format, Settings().worker_metrics_port) == ("text", None)

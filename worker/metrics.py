@@ -1,0 +1,57 @@
+"""The worker's own metrics, served over HTTP on the port it is given.
+
+Each worker process observes the tasks it runs: how long they waited in the
+queue and how long they ran. Prometheus scrapes every worker and sums them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from asyncproc.metrics import SECONDS_BUCKETS
+
+log = logging.getLogger(__name__)
+
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queue_wait = Histogram(
+            "asyncproc_task_queue_wait_seconds",
+            "From when a task became due (scheduled_at) to when a worker started it",
+            ["operation"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_time = Histogram(
+            "asyncproc_task_run_seconds",
+            "How long a handler ran; outcome is ok when it returned, error when it raised",
+            ["operation", "outcome"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "asyncproc_worker_tasks",
+            "Task runs this worker finished, by outcome: completed, failed, retried, interrupted",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
+        self.running = Gauge("asyncproc_worker_tasks_running", "Handlers running now", registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        # All interfaces, as exporters do: in a container Prometheus scrapes from outside.
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        log.info("worker metrics on port %s", port)
+
+    def started(self, operation: str, scheduled_at: datetime, started_at: datetime) -> None:
+        self.queue_wait.labels(operation).observe(max(0.0, (started_at - scheduled_at).total_seconds()))
+
+    def ran(self, operation: str, seconds: float, ok: bool) -> None:
+        self.run_time.labels(operation, "ok" if ok else "error").observe(seconds)
+
+    def finished(self, operation: str, outcome: str) -> None:
+        self.outcomes.labels(operation, outcome).inc()
