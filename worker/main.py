@@ -111,8 +111,21 @@ async def _run_procrastinate(app, pool: psycopg_pool.AsyncConnectionPool, settin
         )
 
 
+def sweep_period(settings: Settings) -> float:
+    return max(1.0, min(settings.stalled_seconds / 3, 10.0))
+
+
+def stalled_recovery_bound(settings: Settings) -> float:
+    """The longest a killed worker's task stays `running` while another worker sweeps.
+
+    The dead worker's last heartbeat is no older than its death, so it is
+    pruned stalled_seconds later at most, and the next sweep re-queues its task.
+    """
+    return settings.stalled_seconds + sweep_period(settings)
+
+
 async def _sweep_stalled(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> None:
-    period = max(1.0, min(settings.stalled_seconds / 3, 10.0))
+    period = sweep_period(settings)
     while not stopping.is_set():
         try:
             async with pool.connection() as conn:
