@@ -142,7 +142,9 @@ class Fleet:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
-        env.update(FAULT_ENV, DATABASE_URL=self.database_url, **self.overrides, **overrides)
+        env.update(FAULT_ENV, DATABASE_URL=self.database_url)
+        env.update(self.overrides)
+        env.update(overrides)
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env
@@ -153,6 +155,7 @@ class Fleet:
         self.processes.append(process)
         service = Service(base_url=f"http://127.0.0.1:{port}", logs=self.logs)
         wait_for(lambda: _healthy(service.base_url), 30, f"the API to answer /health (logs in {self.logs})", interval=0.1)
+        wait_for(lambda: len(children(process.pid)) == 2, 30, "both gunicorn workers to start", interval=0.1)
         return service, process
 
     def worker(self, name: str, concurrency: int = 4, **overrides: str) -> subprocess.Popen:
