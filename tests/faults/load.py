@@ -27,7 +27,8 @@ class Load:
 
     base_url: str
     clients: int = 4
-    body: dict = field(default_factory=lambda: {"operation": "compute", "data": {"n": 1000}})
+    # Each client sends these in turn.
+    bodies: list[dict] = field(default_factory=lambda: [{"operation": "compute", "data": {"n": 1000}}])
     pause: float = 0.02
     answers: list[Answer] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
@@ -65,8 +66,10 @@ class Load:
     def _client(self) -> None:
         session = requests.Session()
         mine: list[str] = []
+        sent = 0
         while not self._stop.is_set():
-            answer = self._send(session, "POST", "/process", json=self.body)
+            answer = self._send(session, "POST", "/process", json=self.bodies[sent % len(self.bodies)])
+            sent += 1
             if 200 <= answer.status < 300:
                 mine.append(answer.body["task_id"])
                 with self._lock:
