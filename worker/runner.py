@@ -8,8 +8,9 @@ import inspect
 import json
 import logging
 import random
+import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, Awaitable, Callable
 from uuid import UUID
 
@@ -45,7 +46,10 @@ class Runner:
         self.cache = cache
         self.registry = registry
         self.executor = executor
+        # Handler threads still running. A cancelled task does not stop its
+        # thread, so this is counted by the threads themselves.
         self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     async def run(self, raw_task_id: str) -> None:
         task_id = UUID(raw_task_id)
@@ -93,13 +97,16 @@ class Runner:
             request_id=task.request_id,
             compute_seconds=self.settings.compute_seconds,
         )
-        self.in_flight += 1
-        try:
-            if inspect.iscoroutinefunction(handler):
-                return await handler(task.payload, ctx)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, functools.partial(handler, task.payload, ctx))
-        finally:
+        if inspect.iscoroutinefunction(handler):
+            return await handler(task.payload, ctx)
+        with self._in_flight_lock:
+            self.in_flight += 1
+        thread = self.executor.submit(functools.partial(handler, task.payload, ctx))
+        thread.add_done_callback(self._thread_done)
+        return await asyncio.wrap_future(thread)
+
+    def _thread_done(self, _: Future) -> None:
+        with self._in_flight_lock:
             self.in_flight -= 1
 
     async def _complete(self, task: Task, result: Any) -> None:
