@@ -23,6 +23,7 @@ class SilentProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="silent-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
 
     def start(self) -> "SilentProxy":
         self._thread.start()
@@ -35,13 +36,17 @@ class SilentProxy:
     def stop(self) -> None:
         async def close() -> None:
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            pumps = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for writer in self._writers:
+                writer.close()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def cut(self) -> None:
         self._cut = True
@@ -51,11 +56,13 @@ class SilentProxy:
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        self._writers.append(client_writer)
         if self._cut:
             self.accepted_while_cut += 1
             await self._discard(client_reader)
             return
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.append(server_writer)
         await asyncio.gather(
             self._pump(client_reader, server_writer),
             self._pump(server_reader, client_writer),

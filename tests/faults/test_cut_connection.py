@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import pytest
@@ -35,13 +36,15 @@ def test_worker_notices_a_half_open_connection_and_carries_on(fleet, cluster, pr
     wait_for(lambda: cluster.tasks([running])[running]["status"] == "running", 20, "the sleep task to start")
 
     proxy.cut()
+    cut_at = time.monotonic()
     during = [service.submit({"operation": "compute"}) for _ in range(5)]
-    # Reconnecting while the line is still silent shows that the worker gave up
-    # on its hung connections instead of waiting on them forever.
+    # Silent long enough for the worker's probe (every heartbeat, 1 s) to time
+    # out, with its queries lost on the line and new connections tried in vain.
+    # Its hung queries would never be answered, even after the line heals.
     wait_for(
-        lambda: proxy.accepted_while_cut > 0,
+        lambda: time.monotonic() - cut_at > 1 + RESPONSE_TIMEOUT and proxy.accepted_while_cut > 0,
         1 + RESPONSE_TIMEOUT + 10,
-        "the worker to drop its hung connections and try new ones",
+        "the worker's queries to go unanswered and new connections to be tried",
         interval=0.1,
     )
     assert proxy.dropped_bytes > 0
