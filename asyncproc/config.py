@@ -44,6 +44,15 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     db_pool_size: int = 8
     db_connect_timeout: float = 5.0
+    # TCP keepalives and the TCP user timeout notice a silently cut connection.
+    db_keepalives_idle: int = 10
+    db_keepalives_interval: int = 5
+    db_keepalives_count: int = 3
+    db_tcp_user_timeout_ms: int = 15000
+    # The server cancels an API query running longer than this (0: never).
+    db_statement_timeout_ms: int = 10000
+    # A worker's database round trip unanswered this long means its connections are dead.
+    db_response_timeout: float = 10.0
     worker_concurrency: int = 10
     worker_poll_seconds: float = 1.0
     shutdown_grace_seconds: float = 30.0
@@ -92,6 +101,24 @@ class Settings:
             db_pool_size=reader.integer("ASYNCPROC_DB_POOL_SIZE", default.db_pool_size, 1, 500),
             db_connect_timeout=reader.number(
                 "ASYNCPROC_DB_CONNECT_TIMEOUT", default.db_connect_timeout, 1, 300
+            ),
+            db_keepalives_idle=reader.integer(
+                "ASYNCPROC_DB_KEEPALIVES_IDLE", default.db_keepalives_idle, 1, 3600
+            ),
+            db_keepalives_interval=reader.integer(
+                "ASYNCPROC_DB_KEEPALIVES_INTERVAL", default.db_keepalives_interval, 1, 600
+            ),
+            db_keepalives_count=reader.integer(
+                "ASYNCPROC_DB_KEEPALIVES_COUNT", default.db_keepalives_count, 1, 100
+            ),
+            db_tcp_user_timeout_ms=reader.integer(
+                "ASYNCPROC_DB_TCP_USER_TIMEOUT_MS", default.db_tcp_user_timeout_ms, 1000, 600_000
+            ),
+            db_statement_timeout_ms=reader.integer(
+                "ASYNCPROC_DB_STATEMENT_TIMEOUT_MS", default.db_statement_timeout_ms, 0, 3_600_000
+            ),
+            db_response_timeout=reader.number(
+                "ASYNCPROC_DB_RESPONSE_TIMEOUT", default.db_response_timeout, 0.5, 600
             ),
             worker_concurrency=reader.integer(
                 "ASYNCPROC_WORKER_CONCURRENCY", default.worker_concurrency, 1, 1000

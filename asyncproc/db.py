@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import select
+import socket
+import weakref
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,12 +52,12 @@ def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
         "application_name": application_name,
         "connect_timeout": max(1, round(settings.db_connect_timeout)),
         "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
+        "keepalives_idle": settings.db_keepalives_idle,
+        "keepalives_interval": settings.db_keepalives_interval,
+        "keepalives_count": settings.db_keepalives_count,
         # Unacknowledged data on a half-open connection fails after this long,
         # where the kernel default would wait for many minutes.
-        "tcp_user_timeout": 15000,
+        "tcp_user_timeout": settings.db_tcp_user_timeout_ms,
         "row_factory": dict_row,
     }
 
@@ -94,12 +97,14 @@ async def _check_idle_connection_async(conn: psycopg.AsyncConnection[Any]) -> No
         await conn.execute("SELECT 1")
 
 
-def _pool_options(settings: Settings, application_name: str, max_size: int) -> dict[str, Any]:
+def _pool_options(
+    settings: Settings, application_name: str, max_size: int, kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "conninfo": settings.database_url,
         "min_size": 1,
         "max_size": max_size,
-        "kwargs": connect_kwargs(settings, application_name),
+        "kwargs": kwargs or connect_kwargs(settings, application_name),
         "timeout": settings.db_connect_timeout,
         # Keep trying to reconnect for as long as the database is away.
         "reconnect_timeout": 0,
@@ -109,21 +114,60 @@ def _pool_options(settings: Settings, application_name: str, max_size: int) -> d
 
 
 def open_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.ConnectionPool:
-    """A sync pool that opens in the background: start-up never waits for the database."""
+    """A sync pool that opens in the background: start-up never waits for the database.
+
+    For request handlers: a request waits at most db_connect_timeout for a
+    connection, and the server cancels a query after db_statement_timeout_ms,
+    so no request outlives an outage or a stuck query.
+    """
+    kwargs = connect_kwargs(settings, application_name)
+    kwargs["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
     pool = psycopg_pool.ConnectionPool(
         check=_check_idle_connection,
         configure=_autocommit,
-        **_pool_options(settings, application_name, max_size),
+        **_pool_options(settings, application_name, max_size, kwargs),
     )
     pool.open(wait=False)
     return pool
 
 
-def async_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.AsyncConnectionPool:
+class SeverableAsyncPool(psycopg_pool.AsyncConnectionPool):
+    """An async pool that can break every connection it opened, busy ones included.
+
+    A query whose packets were lost on a half-open connection waits for an
+    answer that never comes, and nothing in libpq bounds that wait. Breaking
+    the socket fails the wait at once, like a TCP user timeout would.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._made: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+        super().__init__(*args, configure=self._configure_and_track, **kwargs)
+
+    async def _configure_and_track(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await _autocommit_async(conn)
+        self._made.add(conn)
+
+    def sever(self) -> int:
+        """Shut down every open connection's socket; returns how many."""
+        severed = 0
+        for conn in list(self._made):
+            if conn.closed:
+                continue
+            try:
+                # shutdown() acts on the socket itself, so a dup of the descriptor
+                # reaches the one libpq owns without closing it under libpq's feet.
+                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg.OperationalError):
+                continue
+            severed += 1
+        return severed
+
+
+def async_pool(settings: Settings, application_name: str, max_size: int) -> SeverableAsyncPool:
     """An unopened async pool; the caller opens it inside its event loop."""
-    return psycopg_pool.AsyncConnectionPool(
+    return SeverableAsyncPool(
         check=_check_idle_connection_async,
-        configure=_autocommit_async,
         **_pool_options(settings, application_name, max_size),
     )
 

@@ -6,7 +6,8 @@ root the server runs in a user namespace that maps us to an unprivileged uid,
 or, where namespaces are not allowed, as the user `nobody`.
 
 The data directory survives restarts. A server left running by a crash is found
-through its postmaster.pid and reused.
+through its postmaster.pid and reused. stop() then start() brings the server
+back on the same port with the same data, so that clients can reconnect.
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ def _free_port() -> int:
 
 
 class EmbeddedPostgres:
-    def __init__(self, base_dir: Path, *, durable: bool = True):
+    def __init__(self, base_dir: Path, *, durable: bool = True, port: int | None = None):
+        """`port` None picks a free port at the first start; later starts keep it."""
         self.base_dir = Path(base_dir).resolve()
         self.pgdata = self.base_dir / "pgdata"
         self.logfile = self.base_dir / "postgres.log"
         self.durable = durable
-        self.port: int | None = None
+        self.port = port
         self.pid: int | None = None
         self.reused = False
         self._bindir = find_bindir()
@@ -169,7 +171,7 @@ class EmbeddedPostgres:
 
     def _launch(self) -> None:
         prefix, options = self._privilege_drop()
-        port = _free_port()
+        port = self.port or _free_port()
         settings = {
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": "",
@@ -206,10 +208,11 @@ class EmbeddedPostgres:
             return False
         if not _alive(pid):
             return False
+        wanted = self.port
         self.pid, self.port = pid, port
         if self._accepts_connections():
             return True
-        self.pid = self.port = None
+        self.pid, self.port = None, wanted
         return False
 
     def _accepts_connections(self) -> bool:

@@ -1,8 +1,9 @@
 """The worker process: open the pool, run Procrastinate, survive the database going away.
 
-A plain Procrastinate worker stops for good when its database connection
-breaks. This one restarts its Procrastinate worker after a short pause, and
-sweeps stalled jobs so that a task whose worker died is re-queued.
+This worker restarts its Procrastinate worker after a short pause whenever it
+stops on a database error, breaks its connections when the database stops
+answering on them (a half-open connection), and sweeps stalled jobs so that a
+task whose worker died is re-queued.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         loop.add_signal_handler(signum, request_stop, signum)
 
     sweeper = asyncio.create_task(_sweep_stalled(settings, pool, stopping), name="stalled-sweeper")
+    watchdog = asyncio.create_task(_watch_database(settings, pool, stopping), name="database-watchdog")
     log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
     try:
         while not stopping.is_set():
@@ -94,7 +96,8 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
                 await _wait(stopping, RESTART_DELAY_SECONDS)
     finally:
         sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
+        watchdog.cancel()
+        await asyncio.gather(sweeper, watchdog, return_exceptions=True)
         await pool.close(timeout=5)
     log.info("worker stopped")
     return runner.in_flight
@@ -115,8 +118,21 @@ async def _run_procrastinate(app, pool: psycopg_pool.AsyncConnectionPool, settin
         )
 
 
+def sweep_period(settings: Settings) -> float:
+    return max(1.0, min(settings.stalled_seconds / 3, 10.0))
+
+
+def stalled_recovery_bound(settings: Settings) -> float:
+    """The longest a killed worker's task stays `running` while another worker sweeps.
+
+    The dead worker's last heartbeat is no older than its death, so it is
+    pruned stalled_seconds later at most, and the next sweep re-queues its task.
+    """
+    return settings.stalled_seconds + sweep_period(settings)
+
+
 async def _sweep_stalled(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> None:
-    period = max(1.0, min(settings.stalled_seconds / 3, 10.0))
+    period = sweep_period(settings)
     while not stopping.is_set():
         try:
             async with pool.connection() as conn:
@@ -126,6 +142,32 @@ async def _sweep_stalled(settings: Settings, pool: psycopg_pool.AsyncConnectionP
         except _DB_ERRORS as exc:
             log.warning("stalled-task sweep skipped: %s", _first_line(exc))
         await _wait(stopping, period)
+
+
+async def _watch_database(settings: Settings, pool: db.SeverableAsyncPool, stopping: asyncio.Event) -> None:
+    """Break every connection when the database stops answering on them.
+
+    A connection cut without a FIN or RST (a dead NAT entry, a partition) leaves
+    queries waiting forever, Procrastinate's included. Failing them makes every
+    part of the worker reconnect through its usual error path.
+    """
+    while not stopping.is_set():
+        await _wait(stopping, settings.heartbeat_seconds)
+        try:
+            async with asyncio.timeout(settings.db_response_timeout):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+        except TimeoutError:
+            severed = pool.sever()
+            log.warning(
+                "the database did not answer within %ss; broke %s connection(s) to reconnect",
+                settings.db_response_timeout,
+                severed,
+            )
+        except _DB_ERRORS as exc:
+            # The database is refusing or closing connections: the error reaches
+            # every waiter by itself, so there is nothing to break.
+            log.debug("database probe failed: %s", _first_line(exc))
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -49,6 +49,8 @@ class Runner:
         self.registry = registry
         self.executor = executor
         self.metrics = metrics or WorkerMetrics()
+        # Handler threads still running. A cancelled task does not stop its
+        # thread, so this is counted by the threads themselves.
         self.in_flight = 0
         self._count_lock = threading.Lock()
         self.metrics.running.set_function(lambda: self.in_flight)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from asyncproc.config import SecondsRange, Settings, variable_names
+from asyncproc.db import connect_kwargs
 from asyncproc.errors import ConfigError
 
 
@@ -111,3 +112,35 @@ def test_log_format_and_worker_metrics_port_are_read():
     settings = Settings.from_env({"ASYNCPROC_LOG_FORMAT": "JSON", "ASYNCPROC_WORKER_METRICS_PORT": "9100"})
     assert (settings.log_format, settings.worker_metrics_port) == ("json", 9100)
     assert (Settings().log_format, Settings().worker_metrics_port) == ("text", None)
+
+
+def test_database_timeouts_are_read_and_reach_the_connections():
+    settings = Settings.from_env(
+        {
+            "ASYNCPROC_DB_TCP_USER_TIMEOUT_MS": "4000",
+            "ASYNCPROC_DB_KEEPALIVES_IDLE": "2",
+            "ASYNCPROC_DB_KEEPALIVES_INTERVAL": "1",
+            "ASYNCPROC_DB_KEEPALIVES_COUNT": "2",
+            "ASYNCPROC_DB_STATEMENT_TIMEOUT_MS": "0",
+            "ASYNCPROC_DB_RESPONSE_TIMEOUT": "2.5",
+        }
+    )
+    kwargs = connect_kwargs(settings, "test")
+    assert (kwargs["tcp_user_timeout"], kwargs["keepalives_idle"], kwargs["keepalives_interval"], kwargs["keepalives_count"]) == (4000, 2, 1, 2)
+    assert settings.db_statement_timeout_ms == 0
+    assert settings.db_response_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("ASYNCPROC_DB_TCP_USER_TIMEOUT_MS", "999"),
+        ("ASYNCPROC_DB_KEEPALIVES_IDLE", "0"),
+        ("ASYNCPROC_DB_KEEPALIVES_COUNT", "x"),
+        ("ASYNCPROC_DB_STATEMENT_TIMEOUT_MS", "-1"),
+        ("ASYNCPROC_DB_RESPONSE_TIMEOUT", "0.1"),
+    ],
+)
+def test_bad_database_timeouts_are_named(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
