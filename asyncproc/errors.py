@@ -53,3 +53,8 @@ class Conflict(AsyncprocError):
 class DatabaseUnavailable(AsyncprocError):
     code = "database_unavailable"
     status = 503
+
+
+class BatchTooLarge(AsyncprocError):
+    code = "batch_too_large"
+    status = 413

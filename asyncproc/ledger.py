@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -74,6 +74,24 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
         },
     ).fetchone()
     return _task(row)
+
+
+def task_insert_batch(conn: psycopg.Connection, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
+    """Insert many tasks with one statement; returns their ids in order."""
+    task_ids = [uuid4() for _ in tasks]
+    conn.execute(
+        query("task_insert_batch"),
+        {
+            "task_ids": task_ids,
+            "operations": [new.operation for new in tasks],
+            "payloads": [Jsonb(new.payload) for new in tasks],
+            "max_attempts": [new.max_attempts for new in tasks],
+            "priorities": [new.priority for new in tasks],
+            "run_ats": [new.run_at for new in tasks],
+            "request_id": request_id,
+        },
+    )
+    return task_ids
 
 
 def task_get(conn: psycopg.Connection, task_id: UUID) -> Task | None:

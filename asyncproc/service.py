@@ -75,6 +75,12 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
+def enqueue_batch(pool: psycopg_pool.ConnectionPool, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
+    """Store and queue many tasks in one statement and one commit; their ids in order."""
+    with translate_errors(), pool.connection() as conn:
+        return ledger.task_insert_batch(conn, tasks, request_id)
+
+
 def result_document(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID) -> bytes:
     """The task's JSON document: from the cache when finished, else from PostgreSQL."""
     cached = cache.get(task_id)

@@ -59,3 +59,13 @@ RETURNING task_id, operation, payload, status, result, error_message, attempts, 
 
 -- name: task_requeue_stalled
 SELECT asyncproc_requeue_stalled(%(stalled_seconds)s) AS requeued
+
+-- name: task_insert_batch
+-- One statement for the whole batch, so the statement-level trigger defers
+-- every job in one call. The ids are chosen by the caller, which keeps the
+-- answer in request order without relying on RETURNING's row order.
+INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, request_id)
+SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), %(request_id)s
+FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
+            %(max_attempts)s::integer[], %(priorities)s::integer[], %(run_ats)s::timestamptz[])
+     AS t(task_id, operation, payload, max_attempts, priority, run_at)
