@@ -35,6 +35,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     worker.add_argument(
         "--concurrency", type=int, default=settings.worker_concurrency, help="tasks run at once (ASYNCPROC_WORKER_CONCURRENCY)"
     )
+    bench = commands.add_parser("bench", help="start the service and measure it (embedded PostgreSQL without DATABASE_URL)")
+    bench.add_argument("--quick", action="store_true", help="run every figure briefly (about a minute)")
     return parser
 
 
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _require_database(settings)
             return worker_main.run(settings, concurrency=args.concurrency)
+        if args.command == "bench":
+            from asyncproc.bench import run as bench
+
+            return bench.run(settings, quick=args.quick)
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
