@@ -17,7 +17,7 @@ import psycopg
 import psycopg_pool
 
 from asyncproc import ledger
-from asyncproc.cache import ResultCache
+from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
@@ -36,7 +36,7 @@ class Runner:
         self,
         settings: Settings,
         pool: psycopg_pool.AsyncConnectionPool,
-        cache: ResultCache,
+        cache: AsyncResultCache,
         registry: Registry,
         executor: Executor,
     ):
@@ -63,7 +63,7 @@ class Runner:
             request_id_var.reset(token)
 
     async def _run_claimed(self, task: Task) -> None:
-        await self._cache_call(self.cache.invalidate, task.task_id)
+        await self.cache.invalidate(task.task_id)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
         try:
             result = await self._execute(task)
@@ -117,7 +117,7 @@ class Runner:
             log.warning("task %s changed while it ran (cancelled or re-queued); result discarded", task.task_id)
             return
         log.info("task %s completed", task.task_id)
-        await self._cache_call(self.cache.put, done.task_id, encode_document(done))
+        await self.cache.put(done.task_id, encode_document(done))
 
     async def _fail(self, task: Task, error: str, retry: bool) -> None:
         if retry and task.attempts < task.max_attempts:
@@ -131,7 +131,7 @@ class Runner:
             log.warning("task %s changed while it ran; failure not recorded", task.task_id)
             return
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
-        await self._cache_call(self.cache.put, failed.task_id, encode_document(failed))
+        await self.cache.put(failed.task_id, encode_document(failed))
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with +-20 % jitter, so that failed tasks spread out."""
@@ -152,10 +152,6 @@ class Runner:
                 log.warning("database unavailable while recording %s (%s); retrying", write.__name__, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-    async def _cache_call(self, call: Callable[..., None], *args: Any) -> None:
-        # Redis calls block; keep them off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, call, *args)
 
 
 def _describe(exc: BaseException) -> str:
