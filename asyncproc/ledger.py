@@ -59,6 +59,19 @@ def _task(row: dict[str, Any] | None) -> Task | None:
     return None if row is None else Task(**row)
 
 
+_TIMESTAMPS = ("created_at", "scheduled_at", "started_at", "completed_at", "updated_at")
+
+
+def task_from_json(document: dict[str, Any]) -> Task:
+    """A task row as PostgreSQL's to_jsonb() wrote it (see migrations/0004)."""
+    fields = {name: document[name] for name in Task.__slots__}
+    fields["task_id"] = UUID(fields["task_id"])
+    for name in _TIMESTAMPS:
+        if fields[name] is not None:
+            fields[name] = datetime.fromisoformat(fields[name])
+    return Task(**fields)
+
+
 def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
     """Insert a task, or return None when its idempotency key is already taken."""
     row = conn.execute(
@@ -106,11 +119,6 @@ def task_get_by_idempotency_key(conn: psycopg.Connection, key: str) -> Task | No
 async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any]) -> Task | None:
     cursor = await conn.execute(query(name), params)
     return _task(await cursor.fetchone())
-
-
-async def task_mark_running(conn: psycopg.AsyncConnection, task_id: UUID) -> Task | None:
-    """Claim a pending task for one run; None when it is not pending any more."""
-    return await _one(conn, "task_mark_running", {"task_id": task_id})
 
 
 async def task_mark_completed(

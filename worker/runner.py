@@ -11,7 +11,6 @@ import random
 import time
 from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable
-from uuid import UUID
 
 import psycopg
 import psycopg_pool
@@ -47,16 +46,13 @@ class Runner:
         self.executor = executor
         self.in_flight = 0
 
-    async def run(self, raw_task_id: str) -> None:
-        task_id = UUID(raw_task_id)
-        # A failure here leaves the task pending and the job failed or aborted;
-        # asyncproc_requeue_stalled gives the task a new job.
-        async with self.pool.connection() as conn:
-            task = await ledger.task_mark_running(conn, task_id)
-        if task is None:
-            log.info("task %s is no longer pending; nothing to run", task_id)
+    async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
+        """Run a task that fetching its job already claimed (migrations/0004)."""
+        if claimed is None:
+            log.info("task %s is no longer pending; nothing to run", raw_task_id)
             return
-        token = request_id_var.set(task.request_id or str(task_id))
+        task = ledger.task_from_json(claimed)
+        token = request_id_var.set(task.request_id or str(task.task_id))
         try:
             await self._run_claimed(task)
         finally:

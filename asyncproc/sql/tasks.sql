@@ -24,14 +24,6 @@ SELECT task_id, operation, payload, status, result, error_message, attempts, max
 FROM tasks
 WHERE task_id = %(task_id)s
 
--- name: task_mark_running
-UPDATE tasks
-SET status = 'running', attempts = attempts + 1, started_at = now(), progress = NULL
-WHERE task_id = %(task_id)s AND status = 'pending'
-RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id
-
 -- name: task_mark_completed
 UPDATE tasks
 SET status = 'completed', result = %(result)s, progress = 100
