@@ -13,6 +13,7 @@ import time
 from uuid import UUID
 
 import redis
+import redis.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -20,44 +21,57 @@ KEY_PREFIX = "asyncproc:result:"
 COOL_DOWN_SECONDS = 1.0
 
 
-class ResultCache:
-    def __init__(self, redis_url: str | None, ttl_seconds: int, socket_timeout: float = 0.25):
-        self.ttl_seconds = ttl_seconds
-        self._client: redis.Redis | None = None
+class _Breaker:
+    """After a failure the cache is skipped for COOL_DOWN_SECONDS; logs each outage once."""
+
+    def __init__(self) -> None:
         self._down_until = 0.0
         self._down = False
         self._lock = threading.Lock()
-        if redis_url is None:
-            log.info("REDIS_URL is not set: the results cache is off")
-            return
-        self._client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            socket_keepalive=True,
-            health_check_interval=30,
-        )
 
-    @property
-    def enabled(self) -> bool:
-        return self._client is not None
+    def closed(self) -> bool:
+        return time.monotonic() >= self._down_until
 
-    def _available(self) -> bool:
-        return self._client is not None and time.monotonic() >= self._down_until
-
-    def _failed(self, action: str, exc: Exception) -> None:
+    def failed(self, action: str, exc: Exception) -> None:
         with self._lock:
             self._down_until = time.monotonic() + COOL_DOWN_SECONDS
             if not self._down:
                 self._down = True
                 log.warning("results cache unavailable (%s: %s); serving from PostgreSQL", action, exc)
 
-    def _succeeded(self) -> None:
+    def succeeded(self) -> None:
         if self._down:
             with self._lock:
                 if self._down:
                     self._down = False
                     log.info("results cache is back")
+
+
+def _client_options(socket_timeout: float) -> dict:
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+
+
+class ResultCache:
+    def __init__(self, redis_url: str | None, ttl_seconds: int, socket_timeout: float = 0.25):
+        self.ttl_seconds = ttl_seconds
+        self._client: redis.Redis | None = None
+        self._breaker = _Breaker()
+        if redis_url is None:
+            log.info("REDIS_URL is not set: the results cache is off")
+            return
+        self._client = redis.Redis.from_url(redis_url, **_client_options(socket_timeout))
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _available(self) -> bool:
+        return self._client is not None and self._breaker.closed()
 
     def get(self, task_id: UUID) -> bytes | None:
         if not self._available():
@@ -65,9 +79,9 @@ class ResultCache:
         try:
             value = self._client.get(KEY_PREFIX + str(task_id))
         except redis.RedisError as exc:
-            self._failed("get", exc)
+            self._breaker.failed("get", exc)
             return None
-        self._succeeded()
+        self._breaker.succeeded()
         return value
 
     def put(self, task_id: UUID, document: bytes) -> None:
@@ -76,9 +90,9 @@ class ResultCache:
         try:
             self._client.set(KEY_PREFIX + str(task_id), document, ex=self.ttl_seconds)
         except redis.RedisError as exc:
-            self._failed("put", exc)
+            self._breaker.failed("put", exc)
             return
-        self._succeeded()
+        self._breaker.succeeded()
 
     def invalidate(self, task_id: UUID) -> None:
         if not self._available():
@@ -86,9 +100,9 @@ class ResultCache:
         try:
             self._client.delete(KEY_PREFIX + str(task_id))
         except redis.RedisError as exc:
-            self._failed("invalidate", exc)
+            self._breaker.failed("invalidate", exc)
             return
-        self._succeeded()
+        self._breaker.succeeded()
 
     def ping(self) -> str:
         """'ok', 'down' or 'disabled', for /health."""
@@ -97,7 +111,44 @@ class ResultCache:
         try:
             self._client.ping()
         except redis.RedisError as exc:
-            self._failed("ping", exc)
+            self._breaker.failed("ping", exc)
             return "down"
-        self._succeeded()
+        self._breaker.succeeded()
         return "ok"
+
+
+class AsyncResultCache:
+    """The worker's writes to the same cache, on its event loop: no thread hop per call."""
+
+    def __init__(self, redis_url: str | None, ttl_seconds: int, socket_timeout: float = 0.25):
+        self.ttl_seconds = ttl_seconds
+        self._client: redis.asyncio.Redis | None = None
+        self._breaker = _Breaker()
+        if redis_url is None:
+            log.info("REDIS_URL is not set: the results cache is off")
+            return
+        self._client = redis.asyncio.Redis.from_url(redis_url, **_client_options(socket_timeout))
+
+    async def put(self, task_id: UUID, document: bytes) -> None:
+        if self._client is None or not self._breaker.closed():
+            return
+        try:
+            await self._client.set(KEY_PREFIX + str(task_id), document, ex=self.ttl_seconds)
+        except (redis.RedisError, OSError) as exc:
+            self._breaker.failed("put", exc)
+            return
+        self._breaker.succeeded()
+
+    async def invalidate(self, task_id: UUID) -> None:
+        if self._client is None or not self._breaker.closed():
+            return
+        try:
+            await self._client.delete(KEY_PREFIX + str(task_id))
+        except (redis.RedisError, OSError) as exc:
+            self._breaker.failed("invalidate", exc)
+            return
+        self._breaker.succeeded()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -62,6 +62,8 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
         default=settings.worker_metrics_port,
         help="serve Prometheus metrics on this port (ASYNCPROC_WORKER_METRICS_PORT); off by default",
     )
+    bench = commands.add_parser("bench", help="start the service and measure it (embedded PostgreSQL without DATABASE_URL)")
+    bench.add_argument("--quick", action="store_true", help="run every figure briefly (about a minute)")
     return parser
 
 
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _require_database(settings)
             return worker_main.run(settings, concurrency=args.concurrency, metrics_port=args.metrics_port)
+        if args.command == "bench":
+            from asyncproc.bench import run as bench
+
+            return bench.run(settings, quick=args.quick)
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -87,3 +87,8 @@ class RateLimited(AsyncprocError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class BatchTooLarge(AsyncprocError):
+    code = "batch_too_large"
+    status = 413

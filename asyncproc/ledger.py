@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -63,6 +63,19 @@ def _task(row: dict[str, Any] | None) -> Task | None:
     return None if row is None else Task(**row)
 
 
+_TIMESTAMPS = ("created_at", "scheduled_at", "started_at", "completed_at", "updated_at")
+
+
+def task_from_json(document: dict[str, Any]) -> Task:
+    """A task row as PostgreSQL's to_jsonb() wrote it (see migrations/0006_claim_on_fetch.sql)."""
+    fields = {name: document[name] for name in Task.__slots__}
+    fields["task_id"] = UUID(fields["task_id"])
+    for name in _TIMESTAMPS:
+        if fields[name] is not None:
+            fields[name] = datetime.fromisoformat(fields[name])
+    return Task(**fields)
+
+
 def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
     """Insert a task, or return None when its idempotency key is already taken."""
     row = conn.execute(
@@ -81,6 +94,25 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
     return _task(row)
 
 
+def task_insert_batch(conn: psycopg.Connection, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
+    """Insert many tasks with one statement; returns their ids in order."""
+    task_ids = [uuid4() for _ in tasks]
+    conn.execute(
+        query("task_insert_batch"),
+        {
+            "task_ids": task_ids,
+            "operations": [new.operation for new in tasks],
+            "payloads": [Jsonb(new.payload) for new in tasks],
+            "max_attempts": [new.max_attempts for new in tasks],
+            "priorities": [new.priority for new in tasks],
+            "run_ats": [new.run_at for new in tasks],
+            "owners": [new.owner for new in tasks],
+            "request_id": request_id,
+        },
+    )
+    return task_ids
+
+
 def task_get(conn: psycopg.Connection, task_id: UUID) -> Task | None:
     return _task(conn.execute(query("task_get"), {"task_id": task_id}).fetchone())
 
@@ -93,11 +125,6 @@ def task_get_by_idempotency_key(conn: psycopg.Connection, key: str) -> Task | No
 async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any]) -> Task | None:
     cursor = await conn.execute(query(name), params)
     return _task(await cursor.fetchone())
-
-
-async def task_mark_running(conn: psycopg.AsyncConnection, task_id: UUID) -> Task | None:
-    """Claim a pending task for one run; None when it is not pending any more."""
-    return await _one(conn, "task_mark_running", {"task_id": task_id})
 
 
 async def task_mark_completed(

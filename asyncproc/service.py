@@ -82,6 +82,12 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
+def enqueue_batch(pool: psycopg_pool.ConnectionPool, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
+    """Store and queue many tasks in one statement and one commit; their ids in order."""
+    with translate_errors(), pool.connection() as conn:
+        return ledger.task_insert_batch(conn, tasks, request_id)
+
+
 def owned_task(conn: psycopg.Connection, task_id: UUID, owner: int | None) -> Task:
     """The task, if `owner` may see it; otherwise TaskNotFound, so that another
     client's task and a missing one look the same. owner=None means access

@@ -1,8 +1,9 @@
 """The Procrastinate app and the one task it knows.
 
 Every ledger task is dispatched as a Procrastinate job named `asyncproc.run_task`
-whose only argument is the task id (see migrations/0002). The name is stable:
-renaming it would orphan queued jobs.
+whose only argument is the task id (see migrations/0002); fetching the job
+claims the task and adds the claimed row as `claimed` (migrations/0006_claim_on_fetch.sql). The
+name is stable: renaming it would orphan queued jobs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def build_app(runner: Runner) -> procrastinate.App:
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
 
     @app.task(name=TASK_NAME, queue=QUEUE)
-    async def run_task(task_id: str) -> None:
-        await runner.run(task_id)
+    async def run_task(task_id: str, claimed: dict | None) -> None:
+        await runner.run(task_id, claimed)
 
     return app

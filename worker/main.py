@@ -19,7 +19,7 @@ import psycopg_pool
 from procrastinate import exceptions as procrastinate_errors
 
 from asyncproc import db, ledger
-from asyncproc.cache import ResultCache
+from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
 from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
@@ -61,7 +61,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     """Serve until asked to stop; returns how many handlers are still running."""
     pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
     await pool.open(wait=False)
-    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    cache = AsyncResultCache(settings.redis_url, settings.result_ttl_seconds)
     runner = Runner(settings, pool, cache, registry, executor, metrics)
     app = build_app(runner)
 
@@ -99,6 +99,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         watchdog.cancel()
         await asyncio.gather(sweeper, watchdog, return_exceptions=True)
         await pool.close(timeout=5)
+        await cache.close()
     log.info("worker stopped")
     return runner.in_flight
 

@@ -12,13 +12,12 @@ import threading
 import time
 from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable
-from uuid import UUID
 
 import psycopg
 import psycopg_pool
 
 from asyncproc import ledger
-from asyncproc.cache import ResultCache
+from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
@@ -38,7 +37,7 @@ class Runner:
         self,
         settings: Settings,
         pool: psycopg_pool.AsyncConnectionPool,
-        cache: ResultCache,
+        cache: AsyncResultCache,
         registry: Registry,
         executor: Executor,
         metrics: WorkerMetrics | None = None,
@@ -55,23 +54,20 @@ class Runner:
         self._count_lock = threading.Lock()
         self.metrics.running.set_function(lambda: self.in_flight)
 
-    async def run(self, raw_task_id: str) -> None:
-        task_id = UUID(raw_task_id)
-        # A failure here leaves the task pending and the job failed or aborted;
-        # asyncproc_requeue_stalled gives the task a new job.
-        async with self.pool.connection() as conn:
-            task = await ledger.task_mark_running(conn, task_id)
-        if task is None:
-            log.info("task %s is no longer pending; nothing to run", task_id)
+    async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
+        """Run a task that fetching its job already claimed (migrations/0006_claim_on_fetch.sql)."""
+        if claimed is None:
+            log.info("task %s is no longer pending; nothing to run", raw_task_id)
             return
-        token = request_id_var.set(task.request_id or str(task_id))
+        task = ledger.task_from_json(claimed)
+        token = request_id_var.set(task.request_id or str(task.task_id))
         try:
             await self._run_claimed(task)
         finally:
             request_id_var.reset(token)
 
     async def _run_claimed(self, task: Task) -> None:
-        await self._cache_call(self.cache.invalidate, task.task_id)
+        await self.cache.invalidate(task.task_id)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
         ctx = TaskContext(
             task_id=task.task_id,
@@ -148,7 +144,7 @@ class Runner:
             return
         log.info("task %s completed", task.task_id)
         self.metrics.finished(task.operation, "completed")
-        await self._cache_call(self.cache.put, done.task_id, encode_document(done))
+        await self.cache.put(done.task_id, encode_document(done))
 
     async def _fail(self, task: Task, error: str, retry: bool) -> None:
         if retry and task.attempts < task.max_attempts:
@@ -164,7 +160,7 @@ class Runner:
             return
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
         self.metrics.finished(task.operation, "failed")
-        await self._cache_call(self.cache.put, failed.task_id, encode_document(failed))
+        await self.cache.put(failed.task_id, encode_document(failed))
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with +-20 % jitter, so that failed tasks spread out."""
@@ -185,10 +181,6 @@ class Runner:
                 log.warning("database unavailable while recording %s (%s); retrying", write.__name__, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-    async def _cache_call(self, call: Callable[..., None], *args: Any) -> None:
-        # Redis calls block; keep them off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, call, *args)
 
 
 class ProgressWriter:

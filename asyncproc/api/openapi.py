@@ -191,6 +191,67 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                 },
             }
         },
+        "/process/batch": {
+            "post": {
+                "operationId": "createTasks",
+                "summary": f"Store and queue up to {validation.MAX_BATCH_TASKS} tasks in one transaction",
+                **security,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["tasks"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "tasks": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "maxItems": validation.MAX_BATCH_TASKS,
+                                        "items": _ref("ProcessRequest"),
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": {
+                        "description": "every task stored and queued, in request order",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["tasks"],
+                                    "properties": {
+                                        "tasks": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "required": ["task_id", "status", "location"],
+                                                "properties": {
+                                                    "task_id": {"type": "string", "format": "uuid"},
+                                                    "status": {"type": "string", "enum": ["pending"]},
+                                                    "location": {"type": "string"},
+                                                },
+                                            },
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "400": _error("the body is empty or not JSON"),
+                    "413": _error(f"the body is over {settings.max_body_bytes} bytes, or holds more than "
+                                  f"{validation.MAX_BATCH_TASKS} tasks"),
+                    "415": _error("the body is not application/json"),
+                    "422": _error("an item is invalid (the message names its index), or an Idempotency-Key was sent"),
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
         "/results/{task_id}": {
             "get": {
                 "operationId": "getTask",

@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, Response, g, request
 from asyncproc import service
 from asyncproc.api import resources, validation
 from asyncproc.api.auth import current_owner
-from asyncproc.errors import UnsupportedMediaType
+from asyncproc.errors import InvalidRequest, UnsupportedMediaType
 from asyncproc.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,33 @@ def process():
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return body, 202 if created else 200, headers
+
+
+@bp.post("/process/batch")
+def process_batch():
+    if request.mimetype != JSON:
+        raise UnsupportedMediaType("Send the body as application/json")
+    if "Idempotency-Key" in request.headers:
+        # One key cannot name many tasks; retry safety for batches is the client's.
+        raise InvalidRequest(
+            "Idempotency-Key is not supported on /process/batch; send tasks one by one to use it",
+            [{"field": "Idempotency-Key"}],
+        )
+    res = resources()
+    batch = validation.new_tasks(
+        validation.parse_json_body(request.get_data()),
+        default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
+        request_id=g.request_id,
+        owner=current_owner(),
+    )
+    task_ids = service.enqueue_batch(res.pool, batch, g.request_id)
+    log.info("queued a batch of %s tasks", len(task_ids))
+    return {
+        "tasks": [
+            {"task_id": str(task_id), "status": "pending", "location": f"/results/{task_id}"}
+            for task_id in task_ids
+        ]
+    }, 202
 
 
 @bp.get("/results/<raw_id>")

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from asyncproc.errors import InvalidRequest, MalformedBody, TaskNotFound
+from asyncproc.errors import BatchTooLarge, InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
 from asyncproc.operations import InvalidInput, registry
 
@@ -21,6 +21,7 @@ MAX_DEPTH = 32
 PRIORITY_LIMIT = 1_000_000
 MAX_DELAY_SECONDS = 10 * 366 * 86400
 MAX_WAIT_SECONDS = 60
+MAX_BATCH_TASKS = 1000
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -153,6 +154,39 @@ def new_task(
         request_id=request_id,
         owner=owner,
     )
+
+
+def new_tasks(
+    body: Any, *, default_max_attempts: int, request_id: str | None, owner: int | None = None
+) -> list[NewTask]:
+    """A batch `{"tasks": [...]}`: each item as for POST /process; errors name the item."""
+    if not isinstance(body, dict) or set(body) != {"tasks"} or not isinstance(body["tasks"], list):
+        raise InvalidRequest('The JSON body must be {"tasks": [ ... ]}', [{"field": "tasks"}])
+    items = body["tasks"]
+    if not items:
+        raise InvalidRequest("tasks is empty; send 1 to %s tasks" % MAX_BATCH_TASKS, [{"field": "tasks"}])
+    if len(items) > MAX_BATCH_TASKS:
+        raise BatchTooLarge(
+            f"A batch holds at most {MAX_BATCH_TASKS} tasks, not {len(items)}",
+            {"max_tasks": MAX_BATCH_TASKS, "tasks": len(items)},
+        )
+    batch = []
+    for index, item in enumerate(items):
+        try:
+            batch.append(
+                new_task(
+                    item,
+                    default_max_attempts=default_max_attempts,
+                    idempotency_key=None,
+                    request_id=request_id,
+                    owner=owner,
+                )
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"tasks[{index}]: {exc.message}", {"index": index, "problems": exc.details}
+            ) from None
+    return batch
 
 
 def header_token(value: str | None, name: str) -> str | None:

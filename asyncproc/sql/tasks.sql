@@ -24,14 +24,6 @@ SELECT task_id, operation, payload, status, result, error_message, attempts, max
 FROM tasks
 WHERE task_id = %(task_id)s
 
--- name: task_mark_running
-UPDATE tasks
-SET status = 'running', attempts = attempts + 1, started_at = now(), progress = NULL
-WHERE task_id = %(task_id)s AND status = 'pending'
-RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id, owner
-
 -- name: task_mark_completed
 UPDATE tasks
 SET status = 'completed', result = %(result)s, progress = 100
@@ -79,3 +71,14 @@ SELECT asyncproc_retry_failed(%(since)s, %(operation)s) AS retried
 UPDATE tasks
 SET progress = %(progress)s, progress_message = %(message)s
 WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
+
+-- name: task_insert_batch
+-- One statement for the whole batch, so the statement-level trigger defers
+-- every job in one call. The ids are chosen by the caller, which keeps the
+-- answer in request order without relying on RETURNING's row order.
+INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, request_id, owner)
+SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), %(request_id)s, t.owner
+FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
+            %(max_attempts)s::integer[], %(priorities)s::integer[], %(run_ats)s::timestamptz[],
+            %(owners)s::bigint[])
+     AS t(task_id, operation, payload, max_attempts, priority, run_at, owner)

@@ -50,8 +50,7 @@ def test_asyncproc_cancel_stops_a_pending_task_for_good(clean_db, worker_conn):
 
 def test_cancelling_a_running_task_asks_its_job_to_abort(clean_db, worker_conn):
     task_id = insert_task(clean_db)
-    clean_db.execute("UPDATE procrastinate_jobs SET status = 'doing'")
-    worker_conn.execute("UPDATE tasks SET status = 'running' WHERE task_id = %s", (task_id,))
+    worker_conn.execute("UPDATE procrastinate_jobs SET status = 'doing'")  # a fetch, which claims the task
     clean_db.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
     job = clean_db.execute("SELECT status::text, abort_requested FROM procrastinate_jobs").fetchone()
     assert job == {"status": "doing", "abort_requested": True}

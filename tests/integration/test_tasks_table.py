@@ -158,8 +158,12 @@ def _orphan_running_task(conn, worker_conn, worker_alive: bool) -> str:
         conn.execute(
             "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' WHERE id = %s", (worker_id,)
         )
-    conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s", (worker_id,))
-    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
+    # As a worker's fetch does: the job goes to 'doing' and claims its task (migrations/0006).
+    worker_conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s", (worker_id,))
+    assert conn.execute("SELECT status, attempts FROM tasks WHERE task_id = %s", (task_id,)).fetchone() == {
+        "status": "running",
+        "attempts": 1,
+    }
     return task_id
 
 

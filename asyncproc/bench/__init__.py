@@ -1,0 +1,1 @@
+"""`asyncproc bench`: starts the real service and measures it against in-run references."""

@@ -1,0 +1,226 @@
+"""The service under test: a database of its own, Redis, the API and workers as real processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from asyncproc import db, migrate
+from asyncproc.config import Settings
+from asyncproc.embedded import EmbeddedPostgres, _free_port
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 30.0
+SEED_REQUEST_ID = "bench-seed"
+
+
+def wait_until(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Harness:
+    """Owns every process and database the benchmark starts, and removes them in close()."""
+
+    def __init__(self, settings: Settings, concurrency: int):
+        self.settings = settings
+        self.concurrency = concurrency
+        self.workdir = Path(tempfile.mkdtemp(prefix="asyncproc-bench-"))
+        self._embedded: EmbeddedPostgres | None = None
+        self._server_url: str | None = None
+        self._redis: subprocess.Popen | None = None
+        self._api: subprocess.Popen | None = None
+        self.database_url = ""
+        self.redis_url: str | None = settings.redis_url
+        self.port = _free_port()
+        self.conn: psycopg.Connection | None = None
+
+    # -- start and stop -------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.database_url:
+            self._server_url = self.settings.database_url
+        else:
+            # Durable: fsync and synchronous_commit stay on, as in production.
+            self._embedded = EmbeddedPostgres(self.workdir / "postgres", durable=True)
+            self._embedded.start()
+            self._server_url = self._embedded.admin_url()
+        name = f"asyncproc_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self._server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.database_url = make_conninfo(self._server_url, dbname=name)
+        self.conn = db.connect(self.database_url, self.settings, "asyncproc-bench")
+        migrate.apply_all(self.conn, self.settings.migrations_dir)
+        if self.redis_url is None and shutil.which("redis-server"):
+            self._start_redis()
+        self._api = self._spawn(
+            ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.settings.api_workers)], "api"
+        )
+        wait_until(self._api_answers, START_TIMEOUT_SECONDS, "the API to answer /health", interval=0.1)
+
+    def close(self) -> None:
+        if self._api is not None:
+            self.stop([self._api])
+        if self._redis is not None:
+            self._redis.terminate()
+            self._redis.wait(STOP_TIMEOUT_SECONDS)
+        if self.conn is not None:
+            self.conn.close()
+        if self._server_url and self.database_url:
+            name = conninfo_to_dict(self.database_url)["dbname"]
+            with psycopg.connect(self._server_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if self._embedded is not None:
+            self._embedded.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _start_redis(self) -> None:
+        port = _free_port()
+        self._redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+
+        def pong() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(pong, START_TIMEOUT_SECONDS, "redis-server to start")
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "ASYNCPROC_OPERATIONS_MODULE": "asyncproc.bench.operations",
+            "ASYNCPROC_API_THREADS": str(self.settings.api_threads),
+            "ASYNCPROC_LOG_LEVEL": self.settings.log_level,
+        }
+        env.pop("REDIS_URL", None)
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
+
+    def _spawn(self, arguments: list[str], label: str) -> subprocess.Popen:
+        with open(self.workdir / f"{label}.log", "ab") as logfile:
+            return subprocess.Popen(
+                [sys.executable, "-m", "asyncproc.cli", *arguments],
+                env=self._env(),
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _api_answers(self) -> bool:
+        import http.client
+
+        if self._api is not None and self._api.poll() is not None:
+            raise RuntimeError(f"the API exited; see {self.workdir / 'api.log'}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+            connection.request("GET", "/health")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+
+    def _registered_workers(self) -> int:
+        return self.conn.execute("SELECT count(*) AS n FROM procrastinate_workers").fetchone()["n"]
+
+    def start_workers(self, count: int, plain: bool = False) -> list[subprocess.Popen]:
+        """Start `count` worker processes and wait until each has registered with Procrastinate."""
+        before = self._registered_workers()
+        processes = []
+        for index in range(count):
+            if plain:
+                label = f"plain-worker-{index}"
+                with open(self.workdir / f"{label}.log", "ab") as logfile:
+                    processes.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "asyncproc.bench.plain_worker", self.database_url, str(self.concurrency)],
+                            env=self._env(),
+                            stdout=logfile,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            else:
+                processes.append(self._spawn(["worker", "--concurrency", str(self.concurrency)], f"worker-{index}"))
+
+        def registered() -> bool:
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"a worker exited at start-up; logs in {self.workdir}")
+            return self._registered_workers() >= before + count
+
+        wait_until(registered, START_TIMEOUT_SECONDS, f"{count} worker(s) to register", interval=0.05)
+        return processes
+
+    def stop(self, processes: list[subprocess.Popen]) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                log.warning("pid %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.wait()
+
+    # -- database state -------------------------------------------------
+
+    def reset(self) -> None:
+        """Remove every task and job the figures made; seeded finished rows stay."""
+        self.conn.execute("DELETE FROM tasks WHERE request_id IS DISTINCT FROM %s", (SEED_REQUEST_ID,))
+        self.conn.execute("TRUNCATE procrastinate_events, procrastinate_jobs CASCADE")
+        self.conn.execute("VACUUM ANALYZE tasks")
+        # Flush now what this figure wrote, so the next one does not pay for it
+        # in a checkpoint that lands in the middle of its measurement.
+        self.conn.execute("CHECKPOINT")
+
+    def seed_finished(self, rows: int) -> float:
+        """Insert `rows` completed tasks fast, bypassing the triggers; returns the seconds it took."""
+        start = time.perf_counter()
+        with self.conn.transaction():
+            # Triggers off for this transaction only: the rows are already
+            # finished and need no dispatch job, and it is ten times faster.
+            self.conn.execute("SET LOCAL session_replication_role = replica")
+            self.conn.execute(
+                """
+                INSERT INTO tasks (operation, payload, status, result, attempts, progress, created_at,
+                                   scheduled_at, started_at, completed_at, updated_at, request_id)
+                SELECT 'bench.noop', '{}', 'completed', 'null', 1, 100, t, t, t, t, t, %s
+                FROM (SELECT now() - make_interval(secs => i) AS t FROM generate_series(1, %s) AS i) AS s
+                """,
+                (SEED_REQUEST_ID, rows),
+            )
+        self.conn.execute("VACUUM ANALYZE tasks")
+        self.conn.execute("CHECKPOINT")
+        return time.perf_counter() - start
+
+    def remove_seed(self) -> None:
+        self.conn.execute("TRUNCATE tasks")

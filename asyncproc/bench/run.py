@@ -1,0 +1,272 @@
+"""`asyncproc bench`: run every figure, several times, and print the table with PASS/MISS per target."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, TextIO
+
+from asyncproc.bench import figures
+from asyncproc.bench.harness import Harness
+from asyncproc.config import Settings
+
+MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int
+    post_samples: int
+    load_seconds: float
+    batch_requests: int
+    batch_size: int
+    dispatch_samples: int
+    worker_tasks: int
+    result_samples: int
+    get_samples: int
+    seed_rows: int
+
+    @classmethod
+    def full(cls) -> "Plan":
+        return cls(runs=3, post_samples=500, load_seconds=5, batch_requests=10, batch_size=1000,
+                   dispatch_samples=200, worker_tasks=3000, result_samples=50, get_samples=1000,
+                   seed_rows=1_000_000)
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(runs=1, post_samples=50, load_seconds=1, batch_requests=2, batch_size=1000,
+                   dispatch_samples=20, worker_tasks=200, result_samples=5, get_samples=100,
+                   seed_rows=10_000)
+
+
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    reference: str
+    target: str
+    verdict: str  # PASS, MISS or "" when the row has no target
+
+
+def _median(measure: Callable[[], float], runs: int) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+def _median_pair(measure: Callable[[], list[float]], runs: int) -> tuple[float, float]:
+    pairs = [figures.p50_p99(measure()) for _ in range(runs)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _ms(value: float) -> str:
+    return f"{value * MS:.2f} ms"
+
+
+def _lat(pair: tuple[float, float]) -> str:
+    return f"p50 {_ms(pair[0])}, p99 {_ms(pair[1])}"
+
+
+class Bench:
+    def __init__(self, settings: Settings, plan: Plan, out: TextIO):
+        self.settings = settings
+        self.plan = plan
+        self.out = out
+        self.rows: list[Row] = []
+        self.h = Harness(settings, settings.worker_concurrency)
+
+    def say(self, text: str) -> None:
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    def run(self) -> int:
+        try:
+            self.h.start()
+            setup = self._setup()
+            empty = self._figures_without_workers()
+            empty.update(self._figures_with_workers())
+            self._flatness(empty)
+        finally:
+            self.h.close()
+        self._print(setup)
+        return 0
+
+    def _setup(self) -> list[tuple[str, str]]:
+        conn = self.h.conn
+        server = conn.execute("SHOW server_version").fetchone()["server_version"]
+        sync = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
+        fsync = conn.execute("SHOW fsync").fetchone()["fsync"]
+        s = self.settings
+        return [
+            ("python", platform.python_version()),
+            ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync})"),
+            ("procrastinate", metadata.version("procrastinate")),
+            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} workers x {s.api_threads} threads (gthread)"),
+            ("worker", f"concurrency {s.worker_concurrency} per process"),
+            ("redis", "yes" if self.h.redis_url else "no (cache figures n/a)"),
+            ("host cores", str(os.cpu_count())),
+            ("runs", f"{self.plan.runs} per figure, median shown{' (--quick)' if self.plan.runs == 1 else ''}"),
+        ]
+
+    # -- figures ---------------------------------------------------------
+
+    def _post_latency(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        p = self.plan
+        api = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
+        ref = _median_pair(lambda: figures.insert_latency(self.h, p.post_samples), p.runs)
+        self.h.reset()
+        return api, ref
+
+    def _figures_without_workers(self) -> dict[str, object]:
+        p = self.plan
+        self.say("figure 1: POST /process latency")
+        api, ref = self._post_latency()
+        self.rows.append(Row("1 POST /process latency, 1 client", _lat(api), "bare INSERT " + _lat(ref),
+                             "p50 < 3 ms, p99 < 15 ms", _verdict(api[0] < 0.003 and api[1] < 0.015)))
+        self.say("figure 2: POST /process under load")
+        for connections in (16, 64):
+            loads = [figures.post_load(self.h, connections, p.load_seconds) for _ in range(p.runs)]
+            self.h.reset()
+            refs = [figures.insert_load(self.h, connections, p.load_seconds) for _ in range(p.runs)]
+            self.h.reset()
+            rate = statistics.median(r.rate for r in loads)
+            p99 = statistics.median(figures.percentile(r.latencies, 99) for r in loads)
+            cpu = statistics.median(r.cpu_share for r in loads)
+            ref_rate = statistics.median(r.rate for r in refs)
+            ref_p99 = statistics.median(figures.percentile(r.latencies, 99) for r in refs)
+            target, verdict = ("≥ 1,000 req/s", _verdict(rate >= 1000)) if connections == 16 else ("", "")
+            self.rows.append(Row(
+                f"2 POST /process, {connections} connections",
+                f"{rate:,.0f} req/s, p99 {_ms(p99)} (load generator {cpu:.2f} CPU)",
+                f"bare INSERT {ref_rate:,.0f}/s, p99 {_ms(ref_p99)}", target, verdict))
+        self.say("figure 3: POST /process/batch")
+        rate = _median(lambda: figures.batch_rate(self.h, p.batch_requests, p.batch_size), p.runs)
+        self.h.reset()
+        self.rows.append(Row(f"3 POST /process/batch ({p.batch_size}/request)", f"{rate:,.0f} tasks/s", "",
+                             "≥ 10,000 tasks/s", _verdict(rate >= 10_000)))
+        return {"f1": api}
+
+    def _figures_with_workers(self) -> dict[str, object]:
+        p = self.plan
+        found: dict[str, object] = {}
+        workers = self.h.start_workers(1)
+        try:
+            self.say("figure 4: dispatch latency")
+            found["f4"] = dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
+            self.rows.append(Row("4 dispatch: committed → handler started", _lat(dispatch), "",
+                                 "p50 < 6 ms, p99 < 30 ms", _verdict(dispatch[0] < 0.006 and dispatch[1] < 0.030)))
+            self.say("figure 6: result latency with ?wait")
+            waits = [figures.result_latency(self.h, p.result_samples) for _ in range(p.runs)]
+            if any(w is None for w in waits):
+                self.rows.append(Row("6 result: completed → ?wait answered", "n/a (no ?wait)", "", "p50 < 20 ms", "MISS"))
+            else:
+                pair = (statistics.median(figures.percentile(w, 50) for w in waits),
+                        statistics.median(figures.percentile(w, 99) for w in waits))
+                self.rows.append(Row("6 result: completed → ?wait answered", _lat(pair), "", "p50 < 20 ms",
+                                     _verdict(pair[0] < 0.020)))
+            self.say("figure 7: GET /results")
+            self._get_latency()
+            self.h.reset()
+        finally:
+            self.h.stop(workers)
+        self.say("figure 5: worker throughput")
+        for count in (1, 2):
+            ours, plain, ratio = self._worker_rates(count)
+            found[f"f5_{count}"] = ours
+            target, verdict = ("", "")
+            if count == 2:
+                target, verdict = "≥ 400 tasks/s and ≥ 1.0× plain", _verdict(ours >= 400 and ratio >= 1.0)
+            self.rows.append(Row(f"5 worker throughput, {count} process{'es' if count > 1 else ''}",
+                                 f"{ours:,.0f} tasks/s ({ratio:.2f}× plain)",
+                                 f"plain Procrastinate {plain:,.0f} jobs/s", target, verdict))
+        return found
+
+    def _worker_rates(self, count: int) -> tuple[float, float, float]:
+        """Ours and plain Procrastinate with `count` processes each, runs alternating.
+
+        Both sets of workers stay up, each idle while the other works, so that
+        every pair of runs sees the same machine; the ratio is the median of the
+        per-pair ratios.
+        """
+        ours_workers = self.h.start_workers(count)
+        plain_workers = self.h.start_workers(count, plain=True)
+        ours, plain = [], []
+        try:
+            for _ in range(self.plan.runs):
+                ours.append(self._drain_once())
+                plain.append(figures.plain_worker_rate(self.h, self.plan.worker_tasks))
+                self.h.reset()
+        finally:
+            self.h.stop(ours_workers + plain_workers)
+        ratio = statistics.median(o / p for o, p in zip(ours, plain))
+        return statistics.median(ours), statistics.median(plain), ratio
+
+    def _drain_once(self) -> float:
+        rate = figures.worker_rate(self.h, self.plan.worker_tasks)
+        self.h.reset()
+        return rate
+
+    def _get_latency(self) -> None:
+        found = [figures.get_latencies(self.h, self.plan.get_samples) for _ in range(self.plan.runs)]
+
+        def pair(kind: str) -> tuple[float, float] | None:
+            if found[0][kind] is None:
+                return None
+            return (statistics.median(figures.percentile(f[kind], 50) for f in found),
+                    statistics.median(figures.percentile(f[kind], 99) for f in found))
+
+        hit, miss, off = pair("hit"), pair("miss"), pair("off")
+        self.rows.append(Row("7 GET /results, cache hit (in process)", _lat(hit) if hit else "n/a (no Redis)", "",
+                             "p50 < 1 ms", _verdict(hit is not None and hit[0] < 0.001)))
+        self.rows.append(Row("7 GET /results, cache miss (in process)", _lat(miss) if miss else "n/a (no Redis)", "", "", ""))
+        self.rows.append(Row("7 GET /results, Redis off (in process)", _lat(off), "", "", ""))
+
+    def _flatness(self, empty: dict[str, object]) -> None:
+        p = self.plan
+        self.say(f"figure 8: seeding {p.seed_rows:,} finished tasks")
+        seconds = self.h.seed_finished(p.seed_rows)
+        self.say(f"seeded in {seconds:.1f}s; re-measuring figures 1, 4 and 5")
+        try:
+            api, _ = self._post_latency()
+            workers = self.h.start_workers(1)
+            try:
+                dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
+                self.h.reset()
+            finally:
+                self.h.stop(workers)
+            workers = self.h.start_workers(2)
+            try:
+                rate = statistics.median(self._drain_once() for _ in range(p.runs))
+            finally:
+                self.h.stop(workers)
+        finally:
+            self.h.remove_seed()
+        label = f"8 with {p.seed_rows:,} finished rows:"
+        f1, f4, f5 = empty["f1"], empty["f4"], empty["f5_2"]
+        self.rows.append(Row(f"{label} figure 1", _lat(api), "empty " + _lat(f1), "p50, p99 ≤ 1.2× empty",
+                             _verdict(api[0] <= 1.2 * f1[0] and api[1] <= 1.2 * f1[1])))
+        self.rows.append(Row(f"{label} figure 4", _lat(dispatch), "empty " + _lat(f4), "p50, p99 ≤ 1.2× empty",
+                             _verdict(dispatch[0] <= 1.2 * f4[0] and dispatch[1] <= 1.2 * f4[1])))
+        self.rows.append(Row(f"{label} figure 5 (2 processes)", f"{rate:,.0f} tasks/s", f"empty {f5:,.0f} tasks/s",
+                             "≥ 0.8× empty", _verdict(rate >= 0.8 * f5)))
+
+    # -- output ----------------------------------------------------------
+
+    def _print(self, setup: list[tuple[str, str]]) -> None:
+        print("| setup | |\n|---|---|", file=self.out)
+        for name, value in setup:
+            print(f"| {name} | {value} |", file=self.out)
+        print(file=self.out)
+        print("| figure | measured | reference, same run | target | |\n|---|---|---|---|---|", file=self.out)
+        for row in self.rows:
+            print(f"| {row.figure} | {row.measured} | {row.reference} | {row.target} | {row.verdict} |", file=self.out)
+        self.out.flush()
+
+
+def run(settings: Settings, quick: bool, out: TextIO = sys.stdout) -> int:
+    return Bench(settings, Plan.quick() if quick else Plan.full(), out).run()

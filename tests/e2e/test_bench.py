@@ -1,0 +1,46 @@
+"""`asyncproc bench --quick` runs every figure against the real service and prints them all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+FIGURES = [
+    "| 1 POST /process latency",
+    "| 2 POST /process, 16 connections",
+    "| 2 POST /process, 64 connections",
+    "| 3 POST /process/batch",
+    "| 4 dispatch",
+    "| 5 worker throughput, 1 process",
+    "| 5 worker throughput, 2 processes",
+    "| 6 result",
+    "| 7 GET /results, cache hit",
+    "| 7 GET /results, cache miss",
+    "| 7 GET /results, Redis off",
+    "figure 1 |",
+    "figure 4 |",
+    "figure 5 (2 processes) |",
+]
+
+
+def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
+    # With DATABASE_URL the bench creates and drops a database of its own on
+    # that server; without, it runs a throwaway embedded PostgreSQL.
+    env = {**os.environ, "ASYNCPROC_LOG_LEVEL": "WARNING"}
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncproc.cli", "bench", "--quick"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for figure in FIGURES:
+        assert sum(figure in line for line in table.splitlines()) == 1, f"{figure!r} missing from:\n{table}"
+    for line in table.splitlines():
+        if "target" not in line and any(t in line for t in ("< ", "≥ ")):
+            assert line.rstrip().endswith(("| PASS |", "| MISS |")), line
+    assert "| host cores |" in table and "| procrastinate |" in table
