@@ -78,7 +78,8 @@ def _userns_works() -> bool:
     return result.returncode == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -171,7 +172,7 @@ class EmbeddedPostgres:
 
     def _launch(self) -> None:
         prefix, options = self._privilege_drop()
-        port = self.port or _free_port()
+        port = self.port or free_port()
         settings = {
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": "",

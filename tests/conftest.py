@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import psycopg
 import pytest
@@ -25,27 +23,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from asyncproc import db, migrate
 from asyncproc.config import Settings
-from asyncproc.embedded import EmbeddedPostgres
+from asyncproc.embedded import EmbeddedPostgres, free_port
+from asyncproc.polling import wait_until as wait_for
 
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `probe` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {value!r}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ import psycopg
 
 from asyncproc import db
 from asyncproc.bench import loadgen
-from asyncproc.bench.harness import Harness, wait_until
+from asyncproc.bench.harness import Harness
+from asyncproc.polling import wait_until
 from asyncproc.bench.plain_worker import QUEUE as PLAIN_QUEUE, TASK_NAME as PLAIN_TASK
 from asyncproc.config import Settings
 

@@ -12,7 +12,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
 
 import psycopg
 from psycopg import sql
@@ -20,7 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from asyncproc import db, migrate
 from asyncproc.config import Settings
-from asyncproc.embedded import EmbeddedPostgres, _free_port
+from asyncproc.embedded import EmbeddedPostgres, free_port
+from asyncproc.polling import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,6 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 SEED_REQUEST_ID = "bench-seed"
 
-
-def wait_until(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Harness:
@@ -53,7 +43,7 @@ class Harness:
         self._api: subprocess.Popen | None = None
         self.database_url = ""
         self.redis_url: str | None = settings.redis_url
-        self.port = _free_port()
+        self.port = free_port()
         self.conn: psycopg.Connection | None = None
 
     # -- start and stop -------------------------------------------------
@@ -96,7 +86,7 @@ class Harness:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _start_redis(self) -> None:
-        port = _free_port()
+        port = free_port()
         self._redis = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,

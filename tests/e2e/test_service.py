@@ -11,7 +11,6 @@ import pytest
 import requests
 
 from asyncproc.embedded import find_bindir
-from tests.conftest import wait_for
 from tests.e2e.conftest import start_service, stop_service
 
 pytestmark = pytest.mark.e2e
