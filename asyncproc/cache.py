@@ -66,10 +66,6 @@ class ResultCache:
             return
         self._client = redis.Redis.from_url(redis_url, **_client_options(socket_timeout))
 
-    @property
-    def enabled(self) -> bool:
-        return self._client is not None
-
     def _available(self) -> bool:
         return self._client is not None and self._breaker.closed()
 

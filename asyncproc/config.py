@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -24,9 +24,6 @@ class SecondsRange:
 
     low: float
     high: float
-
-    def __str__(self) -> str:
-        return f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g}"
 
 
 @dataclass(frozen=True)
@@ -155,8 +152,6 @@ class Settings:
             worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
         )
 
-    def with_database(self, database_url: str) -> "Settings":
-        return replace(self, database_url=database_url)
 
 
 def variable_names() -> tuple[str, ...]:
