@@ -64,6 +64,8 @@ class Settings:
     rate_limit_per_second: float | None = None
     rate_limit_burst: int | None = None
     worker_metrics_port: int | None = None
+    # "seed": the HTTP layer answers in the seed's contract (asyncproc/api/compat.py).
+    compat: str = "off"
 
     @property
     def auth_required(self) -> bool:
@@ -150,6 +152,7 @@ class Settings:
             auth=reader.choice("ASYNCPROC_AUTH", default.auth.upper(), ("OFF", "REQUIRED")).lower(),
             **reader.rate_limit("ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
             worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
+            compat=reader.choice("ASYNCPROC_COMPAT", default.compat.upper(), ("OFF", "SEED")).lower(),
         )
 
 

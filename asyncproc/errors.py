@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The JSON of every error the API answers.
+
+    `detail` repeats the message where a client written for FastAPI looks for it.
+    """
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error, "detail": message}
+
+
 class ConfigError(Exception):
     """A bad environment variable; the message names it."""
 
@@ -22,10 +33,7 @@ class AsyncprocError(Exception):
         return {}
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            body["details"] = self.details
-        return {"error": body}
+        return error_body(self.code, self.message, self.details)
 
 
 class InvalidRequest(AsyncprocError):

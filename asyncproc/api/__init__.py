@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
-from asyncproc.errors import AsyncprocError, ConfigError
+from asyncproc.errors import AsyncprocError, ConfigError, error_body
 from asyncproc.operations import load_user_module
 from asyncproc.task_events import TaskEvents
 
@@ -61,12 +61,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         events=TaskEvents(settings, cache).start(),
     )
 
-    from asyncproc.api import auth, metrics, openapi, routes
+    from asyncproc.api import auth, compat, metrics, openapi, routes
 
     routes.init_app(app)
     auth.init_app(app)
     openapi.init_app(app)
     metrics.init_app(app)
+    compat.init_app(app, settings)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -82,7 +83,7 @@ def _asyncproc_error(error: AsyncprocError):
 def _http_error(error: HTTPException):
     status = error.code or 500
     log.warning("%s %s", status, error.name)
-    body = {"error": {"code": _HTTP_CODES.get(status, "http_error"), "message": error.description}}
+    body = error_body(_HTTP_CODES.get(status, "http_error"), error.description)
     response = error.get_response()
     response.data = current_app.json.dumps(body)
     response.content_type = "application/json"
@@ -91,4 +92,4 @@ def _http_error(error: HTTPException):
 
 def _unexpected_error(error: Exception):
     log.exception("unexpected error")
-    return {"error": {"code": "internal_error", "message": "Internal error"}}, 500
+    return error_body("internal_error", "Internal error"), 500

@@ -35,7 +35,7 @@ def _schemas(operations: Registry) -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
-            "required": ["error"],
+            "required": ["error", "detail"],
             "additionalProperties": False,
             "properties": {
                 "error": {
@@ -47,7 +47,8 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                         "message": {"type": "string", "description": "for humans"},
                         "details": {"description": "what exactly is wrong, e.g. [{\"field\": \"data.n\", ...}]"},
                     },
-                }
+                },
+                "detail": {"type": "string", "description": "the message again, where FastAPI clients look for it"},
             },
         },
         "ProcessRequest": {
@@ -359,7 +360,7 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
             "title": "asyncproc",
             "version": "1",
             "description": "A task service whose queue is PostgreSQL. Every error is "
-            '{"error": {"code", "message", "details"?}}; a wrong method is a 405 and an unknown path a 404.',
+            '{"error": {"code", "message", "details"?}, "detail": message}; a wrong method is a 405 and an unknown path a 404.',
         },
         "paths": paths,
         "components": {

@@ -194,11 +194,12 @@ def test_bad_input_gets_a_json_4xx_writes_nothing_and_logs_a_warning(client, cle
     assert response.status_code == bad.status, response.get_data(as_text=True)
     assert response.mimetype == "application/json"
     document = response.get_json()
-    assert set(document) == {"error"}
+    assert set(document) == {"error", "detail"}
     error = document["error"]
     assert set(error) <= {"code", "message", "details"}
     assert error["code"] == bad.code
     assert isinstance(error["message"], str) and error["message"]
+    assert document["detail"] == error["message"]
     if bad.status == 405:
         assert response.headers["Allow"]
     assert count_tasks(clean_db) == 0

@@ -88,6 +88,7 @@ def test_the_document_carries_each_operations_input_schema_and_the_error_shape(a
     for name, input_schema in registry.input_schemas().items():
         assert schemas[f"{name}.input"] == input_schema
     assert schemas["ProcessRequest"]["properties"]["operation"]["enum"] == [*registry.names(), None]
+    assert set(schemas["Error"]["properties"]) == {"error", "detail"}
     assert set(schemas["Error"]["properties"]["error"]["properties"]) == {"code", "message", "details"}
     for path, item in document["paths"].items():
         for method, operation in item.items():

@@ -17,6 +17,7 @@ def test_defaults_need_no_environment():
     assert settings.bind == "127.0.0.1:8000"
     assert settings.compute_seconds == SecondsRange(0, 0)
     assert settings.retry_backoff_seconds == 1.0
+    assert settings.compat == "off"
 
 
 def test_values_are_read_and_parsed():
@@ -28,6 +29,7 @@ def test_values_are_read_and_parsed():
             "ASYNCPROC_COMPUTE_SECONDS": "5-10",
             "ASYNCPROC_WORKER_CONCURRENCY": "20",
             "ASYNCPROC_LOG_LEVEL": "debug",
+            "ASYNCPROC_COMPAT": "Seed",
         }
     )
     assert settings.database_url == "postgresql://db/x"
@@ -35,6 +37,7 @@ def test_values_are_read_and_parsed():
     assert settings.compute_seconds == SecondsRange(5, 10)
     assert settings.worker_concurrency == 20
     assert settings.log_level == "DEBUG"
+    assert settings.compat == "seed"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +57,7 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_LOG_FORMAT", "xml"),
         ("ASYNCPROC_WORKER_METRICS_PORT", "0"),
         ("ASYNCPROC_WORKER_METRICS_PORT", "http"),
+        ("ASYNCPROC_COMPAT", "fastapi"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
