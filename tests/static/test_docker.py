@@ -1,4 +1,4 @@
-"""Dockerfile, docker-compose.yml, .env.example and the README's compose quick start,
+"""Dockerfile, docker-compose.yml, .env.example and docs/deployment.md's compose quick start,
 checked statically (no Docker engine runs here) against the project itself:
 every command, variable, path, port and health check they name must exist.
 """
@@ -26,7 +26,8 @@ DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
-README = PROJECT_ROOT / "README.md"
+DEPLOYMENT = PROJECT_ROOT / "docs" / "deployment.md"
+CONFIGURATION = PROJECT_ROOT / "docs" / "configuration.md"
 
 ASYNCPROC_SERVICES = ("migrate", "api", "worker")
 # Variables of the base image and of pip, not ours.
@@ -306,11 +307,11 @@ def test_env_example_values_are_valid_settings():
             Settings.from_env({name: value})
 
 
-# ---------------------------------------------------------------- README
+# ---------------------------------------------------------------- docs
 
 
 def _readme_compose_section() -> str:
-    text = README.read_text()
+    text = DEPLOYMENT.read_text()
     start = text.index("## Deploying with Docker Compose")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
@@ -354,8 +355,8 @@ def test_the_readme_compose_quick_start_matches_the_files(compose):
     assert "POSTGRES_PASSWORD" in section and "POSTGRES_PASSWORD" in env_example()[0]
 
 
-def test_the_readme_configuration_table_lists_every_setting():
-    text = README.read_text()
+def test_the_configuration_table_lists_every_setting():
+    text = CONFIGURATION.read_text()
     table = text[text.index("## Configuration") : text.index("## Commands")]
     listed = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M))
     assert listed == set(variable_names()), listed ^ set(variable_names())

@@ -1,4 +1,4 @@
-"""Every SQL example in the README runs, through the real psql, on a migrated database."""
+"""Every SQL example in the README and docs/ runs, through the real psql, on a migrated database."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from asyncproc import db, migrate
 from asyncproc.config import PROJECT_ROOT, Settings
 from asyncproc.embedded import find_bindir
 
-SNIPPETS = re.findall(r"```sql\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), re.DOTALL)
-# The README's example ids: one failed task to retry, one pending task to cancel.
+DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+SNIPPETS = [snippet for path in DOCUMENTS for snippet in re.findall(r"```sql\n(.*?)```", path.read_text(), re.DOTALL)]
+# The documented example ids: one failed task to retry, one pending task to cancel.
 FAILED_EXAMPLE = "7f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
 PENDING_EXAMPLE = "0c9e8d7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f"
 
@@ -29,7 +30,7 @@ def readme_database(empty_database) -> str:
     return url
 
 
-def test_the_readme_documents_every_operator_function_and_view():
+def test_the_docs_document_every_operator_function_and_view():
     text = "\n".join(SNIPPETS)
     for name in ("asyncproc_retry(", "asyncproc_retry_failed(", "asyncproc_cancel(", "asyncproc_status_counts",
                  "asyncproc_throughput_per_minute", "asyncproc_throughput_per_hour", "asyncproc_latency_last_hour",
@@ -38,7 +39,7 @@ def test_the_readme_documents_every_operator_function_and_view():
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.strip().splitlines()[0][:50] for s in SNIPPETS])
-def test_readme_sql_runs_in_psql(readme_database, snippet):
+def test_documented_sql_runs_in_psql(readme_database, snippet):
     result = subprocess.run(
         [str(find_bindir() / "psql"), readme_database, "-X", "-v", "ON_ERROR_STOP=1"],
         input=snippet,
@@ -46,3 +47,10 @@ def test_readme_sql_runs_in_psql(readme_database, snippet):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_is_short_and_every_local_link_resolves():
+    assert len((PROJECT_ROOT / "README.md").read_text().splitlines()) <= 250
+    for path in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text()):
+            assert (path.parent / target).exists(), f"{path.name} links to a missing {target}"
