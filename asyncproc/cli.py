@@ -3,37 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import re
 import sys
 import uuid
 from datetime import timedelta
+from typing import Callable, NoReturn
 
 import psycopg
 
-from asyncproc import logs
-from asyncproc.config import Settings
+from asyncproc import locate, logs
+from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bind, parse_integer
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.keys import KeyCommandError
 from asyncproc.migrate import MigrationError
+from asyncproc.operations import load_user_module
+from asyncproc.supervisor import UpError
+from asyncproc.uplock import AlreadyRunning
 
 log = logging.getLogger("asyncproc")
 
 
-def _parser(settings: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncproc", description="A task service whose queue is PostgreSQL.")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like a bad environment variable; the usage is one --help away.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(parse: Callable[[str], object], expected: str) -> Callable[[str], object]:
+    """A flag type that checks a value as config.py checks the same variable."""
+
+    def check(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {expected}") from None
+
+    check.__name__ = expected
+    return check
+
+
+def _integer(low: int, high: int) -> Callable[[str], object]:
+    return _checked(lambda text: parse_integer(text, low, high), integer_expected(low, high))
+
+
+_BIND = _checked(parse_bind, BIND_EXPECTED)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Defaults come from the environment after parsing, so that --help works
+    # whatever the environment holds.
+    parser = _Parser(prog="asyncproc", description="A task service whose queue is PostgreSQL.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run everything on this machine (embedded PostgreSQL without DATABASE_URL)")
-    up.add_argument("--bind", default=settings.bind, help="HOST:PORT for the API (ASYNCPROC_BIND)")
-    up.add_argument("--concurrency", type=int, default=settings.worker_concurrency, help="tasks the worker runs at once")
+    up.add_argument("--bind", type=_BIND, help="HOST:PORT for the API (default ASYNCPROC_BIND, 127.0.0.1:8000)")
+    up.add_argument("--concurrency", type=_integer(1, 1000), help="tasks the worker runs at once (ASYNCPROC_WORKER_CONCURRENCY)")
 
     commands.add_parser("migrate", help="apply pending database migrations")
 
     api = commands.add_parser("api", help="serve the HTTP API with gunicorn")
-    api.add_argument("--bind", default=settings.bind, help="HOST:PORT (ASYNCPROC_BIND)")
-    api.add_argument("--workers", type=int, default=settings.api_workers, help="gunicorn worker processes")
+    api.add_argument("--bind", type=_BIND, help="HOST:PORT (default ASYNCPROC_BIND, 127.0.0.1:8000)")
+    api.add_argument("--workers", type=_integer(1, 64), help="gunicorn worker processes (ASYNCPROC_API_WORKERS)")
 
     retry = commands.add_parser("retry", help="re-queue a failed or cancelled task, or every recent failure")
     target = retry.add_mutually_exclusive_group(required=True)
@@ -46,8 +80,11 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     cancel.add_argument("task_id", type=_task_id)
 
     worker = commands.add_parser("worker", help="run a worker")
+    worker.add_argument("--concurrency", type=_integer(1, 1000), help="tasks run at once (ASYNCPROC_WORKER_CONCURRENCY)")
     worker.add_argument(
-        "--concurrency", type=int, default=settings.worker_concurrency, help="tasks run at once (ASYNCPROC_WORKER_CONCURRENCY)"
+        "--metrics-port",
+        type=_integer(1, 65535),
+        help="serve Prometheus metrics on this port (ASYNCPROC_WORKER_METRICS_PORT); off by default",
     )
 
     key_commands = commands.add_parser("keys", help="API keys for ASYNCPROC_AUTH=required").add_subparsers(
@@ -56,15 +93,29 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
     key_commands.add_parser("create", help="create a key and print it (shown only this once)").add_argument("name")
     key_commands.add_parser("revoke", help="revoke the live key with this name").add_argument("name")
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
-    worker.add_argument(
-        "--metrics-port",
-        type=int,
-        default=settings.worker_metrics_port,
-        help="serve Prometheus metrics on this port (ASYNCPROC_WORKER_METRICS_PORT); off by default",
+
+    commands.add_parser("status", help="the service, the queue and the workers")
+    commands.add_parser(
+        "psql",
+        help="open psql on the database (the embedded one without DATABASE_URL); "
+        "further arguments go to psql, e.g. -c 'TABLE asyncproc_queue'",
     )
+
     bench = commands.add_parser("bench", help="start the service and measure it (embedded PostgreSQL without DATABASE_URL)")
     bench.add_argument("--quick", action="store_true", help="run every figure briefly (about a minute)")
     return parser
+
+
+def _fill_defaults(args: argparse.Namespace, settings: Settings) -> None:
+    defaults = {
+        "bind": settings.bind,
+        "concurrency": settings.worker_concurrency,
+        "workers": settings.api_workers,
+        "metrics_port": settings.worker_metrics_port,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name, value) is None:
+            setattr(args, name, value)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -102,67 +153,84 @@ def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_database(settings: Settings) -> str:
-    if settings.database_url is None:
-        raise ConfigError("DATABASE_URL is not set (only `asyncproc up` starts an embedded database)")
-    return settings.database_url
-
-
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Everything after `asyncproc psql` belongs to psql, options included.
+    args, psql_args = parser.parse_known_args(argv)
+    if psql_args and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(psql_args)}")
+    args.psql_args = psql_args
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
-    args = _parser(settings).parse_args(argv)
+    _fill_defaults(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     try:
-        if args.command == "up":
-            from asyncproc import supervisor
-
-            return supervisor.run(settings, bind=args.bind, concurrency=args.concurrency)
-        if args.command == "migrate":
-            from asyncproc import db, migrate
-
-            with db.connect(_require_database(settings), settings, "asyncproc-migrate") as conn:
-                applied = migrate.apply_all(conn, settings.migrations_dir)
-            print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
-            return 0
-        if args.command in ("retry", "cancel"):
-            _require_database(settings)
-            return _operator_action(settings, args)
-        if args.command == "api":
-            from asyncproc.api import server
-
-            _require_database(settings)
-            server.run(settings, bind=args.bind, workers=args.workers)
-            return 0
-        if args.command == "keys":
-            from asyncproc import db, keys
-
-            with db.connect(_require_database(settings), settings, "asyncproc-keys") as conn:
-                return keys.run(conn, args.keys_command, getattr(args, "name", None))
-        if args.command == "worker":
-            from worker import main as worker_main
-
-            _require_database(settings)
-            return worker_main.run(settings, concurrency=args.concurrency, metrics_port=args.metrics_port)
-        if args.command == "bench":
-            from asyncproc.bench import run as bench
-
-            return bench.run(settings, quick=args.quick)
+        return _run(args, settings)
     except ConfigError as exc:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
     except AsyncprocError as exc:
         print(f"asyncproc: {exc.message}", file=sys.stderr)
         return 1
-    except (EmbeddedError, MigrationError, KeyCommandError) as exc:
+    except (EmbeddedError, MigrationError, KeyCommandError, AlreadyRunning, UpError) as exc:
         print(f"asyncproc: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
         print(f"asyncproc: cannot reach the database: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command in ("up", "api", "worker"):
+        # Here, before anything forks: a module that cannot be imported is one
+        # line, not a traceback from every process.
+        load_user_module(settings.operations_module)
+    if args.command == "up":
+        from asyncproc import supervisor
+
+        return supervisor.run(settings, bind=args.bind, concurrency=args.concurrency)
+    if args.command == "bench":
+        from asyncproc.bench import run as bench
+
+        return bench.run(settings, quick=args.quick)
+    database_url = locate.database_url(settings)
+    if args.command == "psql":
+        psql = locate.psql_path()
+        os.execv(psql, [str(psql), database_url, *args.psql_args])
+    if args.command == "status":
+        from asyncproc import db, status
+
+        print("\n".join(status.service_lines(settings.data_dir)))
+        with db.connect(database_url, settings, "asyncproc-status") as conn:
+            print("\n".join(status.database_lines(conn, database_url)))
+        return 0
+    if args.command == "migrate":
+        from asyncproc import db, migrate
+
+        with db.connect(database_url, settings, "asyncproc-migrate") as conn:
+            applied = migrate.apply_all(conn, settings.migrations_dir)
+        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+        return 0
+    settings = dataclasses.replace(settings, database_url=database_url)
+    if args.command in ("retry", "cancel"):
+        return _operator_action(settings, args)
+    if args.command == "api":
+        from asyncproc.api import server
+
+        server.run(settings, bind=args.bind, workers=args.workers)
+        return 0
+    if args.command == "keys":
+        from asyncproc import db, keys
+
+        with db.connect(database_url, settings, "asyncproc-keys") as conn:
+            return keys.run(conn, args.keys_command, getattr(args, "name", None))
+    if args.command == "worker":
+        from worker import main as worker_main
+
+        return worker_main.run(settings, concurrency=args.concurrency, metrics_port=args.metrics_port)
     raise AssertionError(f"unhandled command {args.command}")
 
 

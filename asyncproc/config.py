@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import psycopg
+from psycopg import conninfo
+
 from asyncproc.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +36,9 @@ class Settings:
     bind: str = "127.0.0.1:8000"
     log_level: str = "INFO"
     log_format: str = "text"
-    data_dir: Path = PROJECT_ROOT / ".asyncproc"
+    # Relative to where a command runs, so that every command run in the
+    # directory of an `asyncproc up` finds its embedded database.
+    data_dir: Path = Path(".asyncproc")
     migrations_dir: Path = PROJECT_ROOT / "migrations"
     operations_module: str | None = None
     api_workers: int = 2
@@ -80,14 +85,14 @@ class Settings:
     def _read(cls, reader: "_Reader") -> "Settings":
         default = cls()
         return cls(
-            database_url=reader.text("DATABASE_URL", None),
-            redis_url=reader.text("REDIS_URL", None),
+            database_url=reader.database_url("DATABASE_URL"),
+            redis_url=reader.redis_url("REDIS_URL"),
             bind=reader.bind("ASYNCPROC_BIND", default.bind),
             log_level=reader.choice(
                 "ASYNCPROC_LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
             log_format=reader.choice("ASYNCPROC_LOG_FORMAT", default.log_format.upper(), ("JSON", "TEXT")).lower(),
-            data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))),
+            data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))).resolve(),
             migrations_dir=Path(
                 reader.text("ASYNCPROC_MIGRATIONS_DIR", str(default.migrations_dir))
             ),
@@ -157,6 +162,28 @@ class Settings:
 
 
 
+def parse_integer(value: str, low: int, high: int) -> int:
+    """The checks behind both a variable and a command-line flag; ValueError when out of range."""
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError
+    return number
+
+
+def parse_bind(value: str) -> str:
+    match = re.fullmatch(r"(.+):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError
+    return value
+
+
+BIND_EXPECTED = "HOST:PORT, for example 127.0.0.1:8000"
+
+
+def integer_expected(low: int, high: int) -> str:
+    return f"an integer from {low} to {high}"
+
+
 def variable_names() -> tuple[str, ...]:
     """Every environment variable from_env reads, taken from a dry run so the list cannot drift.
 
@@ -193,13 +220,7 @@ class _Reader:
             raise ConfigError(f"{name}={value!r} is invalid: expected {expected}") from None
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        def parse(value: str) -> int:
-            number = int(value)
-            if not low <= number <= high:
-                raise ValueError
-            return number
-
-        return self._parse(name, default, parse, f"an integer from {low} to {high}")
+        return self._parse(name, default, lambda value: parse_integer(value, low, high), integer_expected(low, high))
 
     def optional_integer(self, name: str, low: int, high: int) -> int | None:
         return self.integer(name, None, low, high)
@@ -222,13 +243,25 @@ class _Reader:
         return self._parse(name, default, parse, "one of " + ", ".join(choices))
 
     def bind(self, name: str, default: str) -> str:
-        def parse(value: str) -> str:
-            match = re.fullmatch(r"(.+):(\d{1,5})", value)
-            if not match or not 0 < int(match.group(2)) < 65536:
-                raise ValueError
-            return value
+        return self._parse(name, default, parse_bind, BIND_EXPECTED)
 
-        return self._parse(name, default, parse, "HOST:PORT, for example 127.0.0.1:8000")
+    def database_url(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is not None:
+            try:
+                conninfo.conninfo_to_dict(value)
+            except psycopg.ProgrammingError:
+                # The value is not echoed: it may hold a password.
+                raise ConfigError(
+                    f"{name} is not a PostgreSQL URL: expected postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+                ) from None
+        return value
+
+    def redis_url(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is not None and not re.match(r"(redis|rediss|unix)://", value):
+            raise ConfigError(f"{name} is not a Redis URL: expected redis://HOST:6379/0")
+        return value
 
     def rate_limit(self, rate_name: str, burst_name: str) -> dict[str, float | int | None]:
         """Unset: no limit. The burst defaults to one second's worth of requests."""

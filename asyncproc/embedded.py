@@ -87,12 +87,14 @@ def free_port() -> int:
 
 class EmbeddedPostgres:
     def __init__(self, base_dir: Path, *, durable: bool = True, port: int | None = None):
-        """`port` None picks a free port at the first start; later starts keep it."""
+        """`port` None: the port kept in the data directory, or a free one at the
+        first start, which is then kept there for later starts."""
         self.base_dir = Path(base_dir).resolve()
         self.pgdata = self.base_dir / "pgdata"
         self.logfile = self.base_dir / "postgres.log"
+        self.portfile = self.base_dir / "port"
         self.durable = durable
-        self.port = port
+        self.port = port if port is not None else _read_port(self.portfile)
         self.pid: int | None = None
         self.reused = False
         self._bindir = find_bindir()
@@ -172,7 +174,12 @@ class EmbeddedPostgres:
 
     def _launch(self) -> None:
         prefix, options = self._privilege_drop()
-        port = self.port or free_port()
+        port = self.port
+        if port is None or not _port_free(port):
+            if port is not None:
+                log.warning("the embedded PostgreSQL's port %s is taken by another program; moving to a free one", port)
+            port = free_port()
+        self.portfile.write_text(f"{port}\n")
         settings = {
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": "",
@@ -201,14 +208,10 @@ class EmbeddedPostgres:
         raise EmbeddedError(f"PostgreSQL did not start within {START_TIMEOUT_SECONDS:g}s; see {self.logfile}")
 
     def _adopt_running(self) -> bool:
-        pidfile = self.pgdata / "postmaster.pid"
-        try:
-            lines = pidfile.read_text().splitlines()
-            pid, port = int(lines[0]), int(lines[3])
-        except (OSError, ValueError, IndexError):
+        running = _postmaster(self.pgdata)
+        if running is None:
             return False
-        if not _alive(pid):
-            return False
+        pid, port = running
         wanted = self.port
         self.pid, self.port = pid, port
         if self._accepts_connections():
@@ -228,6 +231,46 @@ class EmbeddedPostgres:
             return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def running_url(base_dir: Path, dbname: str) -> str | None:
+    """The URL of the embedded server running on this data directory, if one answers."""
+    running = _postmaster(Path(base_dir) / "pgdata")
+    if running is None:
+        return None
+    url = f"postgresql://{SUPERUSER}@127.0.0.1:{running[1]}/{dbname}"
+    try:
+        with psycopg.connect(url, connect_timeout=2):
+            return url
+    except psycopg.OperationalError:
+        return None
+
+
+def _postmaster(pgdata: Path) -> tuple[int, int] | None:
+    """(pid, port) of a live server on this data directory, from its postmaster.pid."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (pid, port) if _alive(pid) else None
+
+
+def _read_port(portfile: Path) -> int | None:
+    try:
+        return int(portfile.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:

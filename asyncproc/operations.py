@@ -25,7 +25,9 @@ ASYNCPROC_OPERATIONS_MODULE; the API and the worker import it at start-up.
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -149,10 +151,19 @@ def load_user_module(module_name: str | None) -> None:
     """Import the user's handler module, whose decorators register into `registry`."""
     if not module_name:
         return
+    # The directory a command runs in is importable, as for `python -m`, so
+    # that `ASYNCPROC_OPERATIONS_MODULE=myops` finds ./myops.py; the
+    # `asyncproc` script alone would not put it on the path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"ASYNCPROC_OPERATIONS_MODULE={module_name!r} cannot be imported: {exc}") from None
+    except Exception as exc:
+        # Any error in the user's module, a SyntaxError or one its own imports
+        # raise, is one line naming the variable.
+        raise ConfigError(
+            f"ASYNCPROC_OPERATIONS_MODULE={module_name!r} cannot be imported: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _check_schema(schema: dict[str, Any], where: str) -> None:

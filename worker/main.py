@@ -69,7 +69,15 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     worker_task: asyncio.Task | None = None
 
     def request_stop(signum: int) -> None:
-        log.info("received %s: finishing running tasks (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace_seconds)
+        if stopping.is_set():
+            # A second Ctrl-C, or `asyncproc up` passing one on: stop now.
+            log.warning("received %s again: stopping now; re-queueing %s running task(s)", signal.Signals(signum).name, runner.interrupt())
+            return
+        log.info(
+            "received %s: finishing running tasks (grace %ss; a second signal stops at once)",
+            signal.Signals(signum).name,
+            settings.shutdown_grace_seconds,
+        )
         stopping.set()
         if worker_task is not None:
             worker_task.cancel()

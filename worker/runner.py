@@ -53,6 +53,8 @@ class Runner:
         self.in_flight = 0
         self._count_lock = threading.Lock()
         self.metrics.running.set_function(lambda: self.in_flight)
+        # The asyncio tasks running a task now, for interrupt().
+        self._runs: set[asyncio.Task] = set()
 
     async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
         """Run a task that fetching its job already claimed (migrations/0006_claim_on_fetch.sql)."""
@@ -61,10 +63,19 @@ class Runner:
             return
         task = ledger.task_from_json(claimed)
         token = request_id_var.set(task.request_id or str(task.task_id))
+        current = asyncio.current_task()
+        self._runs.add(current)
         try:
             await self._run_claimed(task)
         finally:
+            self._runs.discard(current)
             request_id_var.reset(token)
+
+    def interrupt(self) -> int:
+        """Cut every running task short now: each is re-queued as on a shutdown past its grace period."""
+        for run in self._runs:
+            run.cancel()
+        return len(self._runs)
 
     async def _run_claimed(self, task: Task) -> None:
         await self.cache.invalidate(task.task_id)

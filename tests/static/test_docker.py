@@ -102,7 +102,7 @@ def assert_get_route(url: str) -> None:
 def asyncproc_command(words: list[str]):
     """Parse `asyncproc SUBCOMMAND ...` with the real CLI parser; SystemExit on anything unknown."""
     assert words[0] == "asyncproc", words
-    return _parser(Settings()).parse_args(words[1:])
+    return _parser().parse_args(words[1:])
 
 
 def bind_port(runtime) -> int:
