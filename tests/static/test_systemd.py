@@ -1,0 +1,49 @@
+"""The systemd unit examples in deploy/systemd name real commands, settings and units."""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+from pathlib import Path
+
+import pytest
+
+from asyncproc.cli import _parser
+from asyncproc.config import PROJECT_ROOT, Settings
+
+UNITS = sorted((PROJECT_ROOT / "deploy" / "systemd").glob("*.service"))
+
+
+def _unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str
+    unit.read_string(path.read_text())
+    return unit
+
+
+def test_there_are_units_for_migrate_api_and_workers():
+    assert {p.name for p in UNITS} == {"asyncproc-migrate.service", "asyncproc-api.service", "asyncproc-worker@.service"}
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_each_unit_runs_a_real_command_with_valid_settings(path):
+    service = _unit(path)["Service"]
+    words = shlex.split(service["ExecStart"])
+    assert words[0].endswith("/bin/asyncproc")
+    args = _parser().parse_args(words[1:])
+    assert path.name.startswith(f"asyncproc-{args.command}")
+    assert service["EnvironmentFile"] == "/etc/asyncproc/asyncproc.env"
+    Settings.from_env(dict(word.split("=", 1) for word in shlex.split(service.get("Environment", ""))))
+    for name in _unit(path)["Unit"].get("Requires", "").split():
+        assert (path.parent / name).exists(), name
+
+
+def test_the_worker_may_take_longer_to_stop_than_its_grace_period():
+    service = _unit(PROJECT_ROOT / "deploy" / "systemd" / "asyncproc-worker@.service")["Service"]
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) > Settings().shutdown_grace_seconds
+
+
+def test_migrate_waits_for_the_database():
+    service = _unit(PROJECT_ROOT / "deploy" / "systemd" / "asyncproc-migrate.service")["Service"]
+    assert _parser().parse_args(shlex.split(service["ExecStart"])[1:]).wait > 0
