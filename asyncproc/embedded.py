@@ -86,10 +86,22 @@ def free_port() -> int:
 
 
 class EmbeddedPostgres:
-    def __init__(self, base_dir: Path, *, durable: bool = True, port: int | None = None):
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        durable: bool = True,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        wrapper: tuple[str, ...] = (),
+    ):
         """`port` None: the port kept in the data directory, or a free one at the
-        first start, which is then kept there for later starts."""
+        first start, which is then kept there for later starts. `wrapper` runs
+        the server under a command, such as `ip netns exec NAME` to serve
+        another network namespace on its address `host`."""
         self.base_dir = Path(base_dir).resolve()
+        self.host = host
+        self.wrapper = wrapper
         self.pgdata = self.base_dir / "pgdata"
         self.logfile = self.base_dir / "postgres.log"
         self.portfile = self.base_dir / "port"
@@ -101,7 +113,7 @@ class EmbeddedPostgres:
 
     def admin_url(self, dbname: str = "postgres") -> str:
         assert self.port is not None, "start() first"
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{dbname}"
 
     def start(self) -> None:
         """Start the server, or adopt one already running on this data directory."""
@@ -171,6 +183,10 @@ class EmbeddedPostgres:
         result = subprocess.run(command, capture_output=True, text=True, **options)
         if result.returncode != 0:
             raise EmbeddedError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
+        if self.host != "127.0.0.1":
+            # Served on a network address: trust the hosts of that network too.
+            with open(self.pgdata / "pg_hba.conf", "a") as hba:
+                hba.write("host all all samenet trust\n")
 
     def _launch(self) -> None:
         prefix, options = self._privilege_drop()
@@ -181,13 +197,13 @@ class EmbeddedPostgres:
             port = free_port()
         self.portfile.write_text(f"{port}\n")
         settings = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": self.host,
             "unix_socket_directories": "",
             "max_connections": "200",
         }
         if not self.durable:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
-        command = [*prefix, str(self._bindir / "postgres"), "-D", str(self.pgdata), "-p", str(port)]
+        command = [*self.wrapper, *prefix, str(self._bindir / "postgres"), "-D", str(self.pgdata), "-p", str(port)]
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]
         with open(self.logfile, "ab") as logfile:
