@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 
 import pytest
 
 from asyncproc import db, migrate
-from asyncproc.config import PROJECT_ROOT, Settings
+from asyncproc.cli import _parser
+from asyncproc.config import PROJECT_ROOT, Settings, variable_names
 from asyncproc.embedded import find_bindir
 
 DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
@@ -54,3 +56,32 @@ def test_the_readme_is_short_and_every_local_link_resolves():
     for path in DOCUMENTS:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text()):
             assert (path.parent / target).exists(), f"{path.name} links to a missing {target}"
+
+
+def _documented_asyncproc_commands() -> list[list[str]]:
+    """Every `asyncproc ...` command in the bash blocks, as words, without VAR=value prefixes."""
+    found = []
+    for path in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.removeprefix("$ ").split(" #")[0]
+                for piece in re.split(r"&&|\|\||;|\||&$", line):
+                    words = shlex.split(piece)
+                    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                        words.pop(0)
+                    if words and words[0].endswith("asyncproc"):
+                        found.append(words)
+    return found
+
+
+def test_every_documented_asyncproc_command_parses_with_its_variables():
+    commands = _documented_asyncproc_commands()
+    assert len(commands) > 10
+    for words in commands:
+        args, extra = _parser().parse_known_args(words[1:])
+        assert not extra or args.command == "psql", words
+    for path in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
+            for name, value in re.findall(r"\b((?:ASYNCPROC_[A-Z_]+|DATABASE_URL|REDIS_URL))=(\S+)", block):
+                if name in variable_names():
+                    Settings.from_env({name: value.strip("'\"")})

@@ -377,11 +377,17 @@ def test_the_readme_compose_quick_start_matches_the_files(compose):
         elif words[:2] == ["docker", "compose"]:
             seen_compose = True
             options = words[2:]
+            if options[:1] == ["-f"]:
+                assert (PROJECT_ROOT / options[1]).exists(), options[1]
+                known = set(yaml.safe_load((PROJECT_ROOT / options[1]).read_text())["services"])
+                options = options[2:]
+            else:
+                known = services
             for index, word in enumerate(options):
                 if word == "--scale":
-                    assert options[index + 1].split("=")[0] in services
+                    assert options[index + 1].split("=")[0] in known
             named = [w for w in options if not w.startswith("-") and "=" not in w][1:]
-            assert set(named) <= services, set(named) - services
+            assert set(named) <= known, set(named) - known
         elif words[0] == "curl":
             (url,) = URL.findall(command)
             assert urlsplit(url).port == int(compose["services"]["api"]["ports"][0].split(":")[0])
