@@ -74,7 +74,7 @@ def run(settings: Settings, bind: str, concurrency: int) -> int:
         api_url = f"http://{bind}"
         if not _wait_healthy(_health_url(bind), children, signals):
             return 1 if signals.count == 0 else 0
-        lock.publish(api=api_url, database_url=database_url if embedded else None)
+        lock.publish(api=api_url)
         print(f"asyncproc is up: {api_url}  (Ctrl-C stops it gracefully, a second Ctrl-C at once)", flush=True)
         if embedded is not None:
             print(f"  DATABASE_URL={database_url}", flush=True)

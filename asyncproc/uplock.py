@@ -1,9 +1,9 @@
 """One `asyncproc up` per data directory, and what it tells other commands.
 
 The running `up` holds an exclusive flock on `<data dir>/up.lock` and writes
-into it who it is: its pid, the API's address and the embedded database's
-URL. The kernel drops the lock when the process dies however it dies, so a
-stale file never blocks the next `up`.
+into it who it is: its pid and, once it is up, the API's address. The kernel
+drops the lock when the process dies however it dies, so a stale file never
+blocks the next `up`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class UpLock:
                 f"{self.data_dir}; stop it first, or give this one its own ASYNCPROC_DATA_DIR"
             ) from None
         self._fd = fd
-        self.publish(api=None, database_url=None)
+        self.publish(api=None)
 
     def publish(self, **info: Any) -> None:
         assert self._fd is not None, "acquire() first"
