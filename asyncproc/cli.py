@@ -15,14 +15,13 @@ from typing import Callable, NoReturn
 
 import psycopg
 
-from asyncproc import locate, logs
+from asyncproc import db, locate, logs, supervisor
 from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bind, parse_integer
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.keys import KeyCommandError
 from asyncproc.migrate import MigrationError
 from asyncproc.operations import load_user_module
-from asyncproc.supervisor import UpError
 from asyncproc.uplock import AlreadyRunning
 
 log = logging.getLogger("asyncproc")
@@ -144,7 +143,7 @@ def _task_id(text: str) -> uuid.UUID:
 
 
 def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
-    from asyncproc import db, service
+    from asyncproc import service
     from asyncproc.cache import ResultCache
 
     pool = db.open_pool(settings, "asyncproc-cli", 1)
@@ -163,8 +162,6 @@ def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
 
 def _connect_waiting(database_url: str, settings: Settings, seconds: float) -> psycopg.Connection:
     """A connection, retried until `seconds` have passed: a database that is still starting answers soon."""
-    from asyncproc import db
-
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -198,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsyncprocError as exc:
         print(f"asyncproc: {exc.message}", file=sys.stderr)
         return 1
-    except (EmbeddedError, MigrationError, KeyCommandError, AlreadyRunning, UpError) as exc:
+    except (EmbeddedError, MigrationError, KeyCommandError, AlreadyRunning, supervisor.UpError) as exc:
         print(f"asyncproc: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
@@ -212,8 +209,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         # line, not a traceback from every process.
         load_user_module(settings.operations_module)
     if args.command == "up":
-        from asyncproc import supervisor
-
         return supervisor.run(settings, bind=args.bind, concurrency=args.concurrency)
     if args.command == "bench":
         from asyncproc.bench import run as bench
@@ -224,14 +219,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         psql = locate.psql_path()
         os.execv(psql, [str(psql), database_url, *args.psql_args])
     if args.command == "status":
-        from asyncproc import db, status
+        from asyncproc import status
 
         print("\n".join(status.service_lines(settings.data_dir)))
         with db.connect(database_url, settings, "asyncproc-status") as conn:
             print("\n".join(status.database_lines(conn, database_url)))
         return 0
     if args.command == "migrate":
-        from asyncproc import db, migrate
+        from asyncproc import migrate
 
         with _connect_waiting(database_url, settings, args.wait) as conn:
             applied = migrate.apply_all(conn, settings.migrations_dir)
@@ -246,7 +241,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         server.run(settings, bind=args.bind, workers=args.workers)
         return 0
     if args.command == "keys":
-        from asyncproc import db, keys
+        from asyncproc import keys
 
         with db.connect(database_url, settings, "asyncproc-keys") as conn:
             return keys.run(conn, args.keys_command, getattr(args, "name", None))
