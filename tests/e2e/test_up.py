@@ -164,6 +164,8 @@ def test_up_as_the_readme_says(tmp_path):
         psql = _cli(tmp_path, "psql", "-At", "-c", "SELECT count(*) FROM tasks WHERE status = 'completed'")
         assert psql.returncode == 0 and int(psql.stdout) >= 2, psql.stderr
         pending = _submit(port, {"operation": "sleep", "data": {"seconds": 1}, "delay_seconds": 3600})
+        keys = _cli(tmp_path, "keys", "list")
+        assert keys.returncode == 0, keys.stderr
         cancel = _cli(tmp_path, "cancel", pending)
         assert cancel.returncode == 0 and json.loads(cancel.stdout)["status"] == "cancelled", cancel.stderr
 
