@@ -249,9 +249,12 @@ def test_a_busy_port_is_one_clear_line(tmp_path):
 
 def test_a_broken_operations_module_is_one_line_before_anything_starts(tmp_path):
     (tmp_path / "brokenops.py").write_text("import no_such_module_here\n")
+    # The installed script, which unlike `python -m` does not put the current
+    # directory on the path: brokenops.py is found there, and its own import fails.
+    script = Path(sys.executable).parent / "asyncproc"
     for command in (["up"], ["api"], ["worker"]):
         result = subprocess.run(
-            [sys.executable, "-m", "asyncproc.cli", *command], cwd=tmp_path,
+            [str(script), *command], cwd=tmp_path,
             env=_env(ASYNCPROC_OPERATIONS_MODULE="brokenops", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"),
             capture_output=True, text=True, timeout=30,
         )
