@@ -166,11 +166,13 @@ def _stop_children(children: list[subprocess.Popen], timeout: float, signals: _S
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    signals_at_start = signals.count
+    # The signal that began this stop asked for a graceful one; any further
+    # signal, however soon it came, asks for haste.
+    graceful = 1 if signals.count else 0
     deadline = time.monotonic() + timeout
     hurried = False
     while any(child.poll() is None for child in children) and time.monotonic() < deadline:
-        if not hurried and signals.count > signals_at_start:
+        if not hurried and signals.count > graceful:
             hurried = True
             log.warning("stopping now: tasks still running are re-queued")
             for child in children:

@@ -23,6 +23,6 @@ def build_app(runner: Runner) -> procrastinate.App:
 
     @app.task(name=TASK_NAME, queue=QUEUE)
     async def run_task(task_id: str, claimed: dict | None) -> None:
-        await runner.run(task_id, claimed)
+        await runner.run_interruptible(task_id, claimed)
 
     return app

@@ -63,19 +63,10 @@ class Runner:
             return
         task = ledger.task_from_json(claimed)
         token = request_id_var.set(task.request_id or str(task.task_id))
-        current = asyncio.current_task()
-        self._runs.add(current)
         try:
             await self._run_claimed(task)
         finally:
-            self._runs.discard(current)
             request_id_var.reset(token)
-
-    def interrupt(self) -> int:
-        """Cut every running task short now: each is re-queued as on a shutdown past its grace period."""
-        for run in self._runs:
-            run.cancel()
-        return len(self._runs)
 
     async def _run_claimed(self, task: Task) -> None:
         await self.cache.invalidate(task.task_id)
@@ -172,6 +163,21 @@ class Runner:
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
         self.metrics.finished(task.operation, "failed")
         await self.cache.put(failed.task_id, encode_document(failed))
+
+    async def run_interruptible(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
+        """run(), cut short by interrupt()."""
+        current = asyncio.current_task()
+        self._runs.add(current)
+        try:
+            await self.run(raw_task_id, claimed)
+        finally:
+            self._runs.discard(current)
+
+    def interrupt(self) -> int:
+        """Cut every running task short now: each is re-queued as on a shutdown past its grace period."""
+        for run in self._runs:
+            run.cancel()
+        return len(self._runs)
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with +-20 % jitter, so that failed tasks spread out."""

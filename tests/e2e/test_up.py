@@ -231,7 +231,7 @@ def test_a_second_ctrl_c_stops_at_once_and_requeues_the_task(tmp_path):
             row = conn.execute("SELECT status, error_message FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
     finally:
         embedded.stop()
-    assert row == ("pending", "interrupted by worker shutdown")
+    assert row[0] == "pending" and row[1].startswith("interrupted by worker shutdown"), row
 
 
 def test_a_busy_port_is_one_clear_line(tmp_path):
