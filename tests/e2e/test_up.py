@@ -114,6 +114,18 @@ def _readme_block(marker: str, language: str) -> str:
     raise AssertionError(f"no {language} block with {marker!r} in the README")
 
 
+def _docs_block(name: str, marker: str) -> str:
+    for block in re.findall(r"```bash\n(.*?)```", (PROJECT_ROOT / "docs" / name).read_text(), re.S):
+        if marker in block:
+            return block
+    raise AssertionError(f"no bash block with {marker!r} in docs/{name}")
+
+
+def _script_path() -> str:
+    """PATH with the installed `asyncproc` script first, as in an activated virtualenv."""
+    return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
 _VARYING = {"task_id", "created_at", "completed_at", "started_at", "scheduled_at"}
 
 
@@ -151,12 +163,24 @@ def test_up_as_the_readme_says(tmp_path):
             if documented_id is None:
                 documented_id, real_id = expected["task_id"], got["task_id"]
 
+        # docs/api.md's waiting without polling, on the example's task.
+        waiting = _docs_block("api.md", "$ID?wait=30").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        result = subprocess.run(["bash", "-c", waiting], env={**_env(), "ID": real_id}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count(f'"task_id":"{real_id}"') == 2 and "event: task" in result.stdout, result.stdout
+
         # The operation recipe, saved in the current directory as the README says.
         thumbnail = _submit(port, {"operation": "thumbnail", "data": {"url": "https://example.com/a.png"}})
         done = wait_for(lambda: (t := _task(port, thumbnail))["status"] == "completed" and t, 30, "the thumbnail")
         assert done["result"] == {"thumbnail": "s3://bucket/thumbs/abc.png"}
 
-        # Commands run in the same directory find the embedded database.
+        # Commands run in the same directory find the embedded database:
+        # docs/configuration.md's example as written, then more.
+        for line in _docs_block("configuration.md", "asyncproc status").strip().splitlines():
+            documented = subprocess.run(
+                ["bash", "-c", line], cwd=tmp_path, env={**_env(), "PATH": _script_path()}, capture_output=True, text=True, timeout=30
+            )
+            assert documented.returncode == 0 and documented.stdout, (line, documented.stderr)
         status = _cli(tmp_path, "status")
         assert status.returncode == 0, status.stderr
         assert f"API http://127.0.0.1:{port}" in status.stdout and "workers:  1" in status.stdout
