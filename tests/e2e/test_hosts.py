@@ -3,7 +3,7 @@ network namespace with its own address, joined by a bridge, against one
 PostgreSQL in a namespace of its own.
 
 Hosts: `db` (PostgreSQL), `h1` and `h2` (an API and a worker each), `h3` (a
-worker only). The test process reaches them through one more leg on the bridge.
+worker only). Each runs the documented command line for its role. The test process reaches them through one more leg on the bridge.
 Everything lives in 10.231.15.0/24, created here and removed at the end; no
 traffic leaves these namespaces. Skipped with the reason where namespaces
 cannot be made (not root, no `ip`, no permission).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import requests
 
 from asyncproc import db
+from asyncproc.config import PROJECT_ROOT
 from asyncproc.embedded import EmbeddedPostgres
 from asyncproc.locate import EMBEDDED_DATABASE
 from tests.conftest import wait_for
@@ -91,9 +93,31 @@ def network() -> Iterator[Network]:
         net.remove()
 
 
-def _host_env(database_url: str, **extra: str) -> dict[str, str]:
+def _recipe(database_url: str) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """docs/deployment.md's N-host commands by role: (variables, command), with
+    the real database's URL in place of the documented one."""
+    section = (PROJECT_ROOT / "docs" / "deployment.md").read_text().split("## A recipe for N hosts")[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    recipe = {}
+    for line in block.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        words = shlex.split(line)
+        variables = {}
+        while "=" in words[0]:
+            name, _, value = words.pop(0).partition("=")
+            variables[name] = value
+        assert words[0] == "asyncproc" and "DATABASE_URL" in variables, line
+        variables["DATABASE_URL"] = database_url
+        recipe[words[1]] = (variables, [sys.executable, "-m", "asyncproc.cli", *words[1:]])
+    assert set(recipe) == {"migrate", "api", "worker"}, recipe
+    assert recipe["api"][0]["ASYNCPROC_BIND"] == f"0.0.0.0:{API_PORT}"
+    return recipe
+
+
+def _host_env(variables: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("ASYNCPROC_")}
-    env.update(DATABASE_URL=database_url, ASYNCPROC_COMPUTE_SECONDS="0", **extra)
+    env.update(ASYNCPROC_COMPUTE_SECONDS="0", **variables)
     return env
 
 
@@ -103,30 +127,31 @@ def test_apis_and_workers_on_three_hosts_share_one_postgresql(network, tmp_path)
     processes: list[subprocess.Popen] = []
     try:
         url = database.ensure_database(EMBEDDED_DATABASE)
-        asyncproc = [sys.executable, "-m", "asyncproc.cli"]
+        recipe = _recipe(url)
         # `asyncproc migrate` from two hosts at once: safe, one applies and one waits.
         migrations = [
-            subprocess.Popen([*network.run(host), *asyncproc, "migrate", "--wait", "30"], env=_host_env(url))
+            subprocess.Popen([*network.run(host), *recipe["migrate"][1]], env=_host_env(recipe["migrate"][0]))
             for host in ("h1", "h2")
         ]
         assert [m.wait(60) for m in migrations] == [0, 0]
 
         logs: dict[str, Path] = {}
 
-        def start(host: str, *command: str, **extra: str) -> None:
-            log = tmp_path / f"{host}-{command[0]}.log"
-            logs[f"{host}-{command[0]}"] = log
+        def start(host: str, role: str, **extra: str) -> None:
+            variables, command = recipe[role]
+            log = tmp_path / f"{host}-{role}.log"
+            logs[f"{host}-{role}"] = log
             processes.append(
                 subprocess.Popen(
-                    [*network.run(host), *asyncproc, *command],
-                    env=_host_env(url, **extra),
+                    [*network.run(host), *command],
+                    env=_host_env({**variables, **extra}),
                     stdout=open(log, "wb"),
                     stderr=subprocess.STDOUT,
                 )
             )
 
         for host in ("h1", "h2"):
-            start(host, "api", ASYNCPROC_BIND=f"0.0.0.0:{API_PORT}", ASYNCPROC_API_WORKERS="1")
+            start(host, "api", ASYNCPROC_API_WORKERS="1")
         for host in ("h1", "h2", "h3"):
             start(host, "worker", ASYNCPROC_WORKER_CONCURRENCY="2")
         apis = [f"http://{ADDRESSES[host]}:{API_PORT}" for host in ("h1", "h2")]
