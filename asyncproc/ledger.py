@@ -6,6 +6,7 @@ the flavour its caller needs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from psycopg.types.json import Jsonb
 from asyncproc.db import query
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+STATUSES = FINAL_STATUSES | {"pending", "running"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +68,31 @@ def _task(row: dict[str, Any] | None) -> Task | None:
 _TIMESTAMPS = ("created_at", "scheduled_at", "started_at", "completed_at", "updated_at")
 
 
-def task_from_json(document: dict[str, Any]) -> Task:
-    """A task row as PostgreSQL's to_jsonb() wrote it (see migrations/0006_claim_on_fetch.sql)."""
-    fields = {name: document[name] for name in Task.__slots__}
+class UndecodablePayload(Exception):
+    """A claimed task whose payload Python cannot decode (too deep, numbers too long)."""
+
+    def __init__(self, task: Task, reason: str):
+        super().__init__(reason)
+        self.task = task
+
+
+def task_from_claim(document: dict[str, Any]) -> Task:
+    """A claimed task row, as the claim wrote it (migrations/0007): to_jsonb() with the payload as text.
+
+    Raises UndecodablePayload, carrying the task with an empty payload, when
+    the payload cannot be decoded.
+    """
+    fields = {name: document[name] for name in Task.__slots__ if name != "payload"}
     fields["task_id"] = UUID(fields["task_id"])
     for name in _TIMESTAMPS:
         if fields[name] is not None:
             fields[name] = datetime.fromisoformat(fields[name])
-    return Task(**fields)
+    try:
+        payload = json.loads(document["payload_json"])
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UndecodablePayload(Task(payload={}, **fields), f"the payload cannot be decoded: {reason}") from None
+    return Task(payload=payload, **fields)
 
 
 def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
@@ -179,7 +198,20 @@ def tasks_retry_failed(conn: psycopg.Connection, since: timedelta, operation: st
     return row["retried"]
 
 
-async def task_requeue_stalled(conn: psycopg.AsyncConnection, stalled_seconds: float) -> int:
-    cursor = await conn.execute(query("task_requeue_stalled"), {"stalled_seconds": stalled_seconds})
-    row = await cursor.fetchone()
-    return row["requeued"]
+async def task_release(conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, reason: str) -> Task | None:
+    """Give back the attempt of a run cut short by the worker's shutdown, and re-queue the task."""
+    return await _one(conn, "task_release", {"task_id": task_id, "attempt": attempt, "reason": reason})
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    requeued: int
+    failed: int
+    redeferred: int
+    dropped: int
+
+
+async def tasks_sweep(conn: psycopg.AsyncConnection, stalled_seconds: float) -> SweepReport:
+    """Repair dead jobs and the invariant between tasks and jobs (SQL asyncproc_sweep)."""
+    cursor = await conn.execute(query("tasks_sweep"), {"stalled_seconds": stalled_seconds})
+    return SweepReport(**await cursor.fetchone())

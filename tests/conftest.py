@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from asyncproc import db, migrate
@@ -128,10 +129,13 @@ def conn(database_url: str) -> Iterator[psycopg.Connection]:
         yield connection
 
 
+WORKER_OPTIONS = "-c asyncproc.writer=worker"
+
+
 @pytest.fixture
 def worker_conn(database_url: str) -> Iterator[psycopg.Connection]:
-    """A connection that the status machine takes for the worker's."""
-    with db.connect(database_url, application_name="asyncproc-worker") as connection:
+    """A connection that the status machine takes for the worker's (migrations/0007), for setting up states."""
+    with psycopg.connect(database_url, autocommit=True, options=WORKER_OPTIONS, row_factory=dict_row) as connection:
         yield connection
 
 

@@ -57,11 +57,19 @@ class Runner:
         self._runs: set[asyncio.Task] = set()
 
     async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
-        """Run a task that fetching its job already claimed (migrations/0006_claim_on_fetch.sql)."""
+        """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql)."""
         if claimed is None:
-            log.info("task %s is no longer pending; nothing to run", raw_task_id)
+            log.info("task %s was not claimable (not pending, not due, or held by another transaction)", raw_task_id)
             return
-        task = ledger.task_from_json(claimed)
+        try:
+            task = ledger.task_from_claim(claimed)
+        except ledger.UndecodablePayload as exc:
+            token = request_id_var.set(exc.task.request_id or str(exc.task.task_id))
+            try:
+                await self._fail(exc.task, str(exc), retry=False)
+            finally:
+                request_id_var.reset(token)
+            return
         token = request_id_var.set(task.request_id or str(task.task_id))
         try:
             await self._run_claimed(task)
@@ -84,14 +92,15 @@ class Runner:
             result = await self._execute_timed(task, ctx)
         except asyncio.CancelledError:
             # A shutdown past its grace period, or a cancellation of the task.
-            # A cancelled task is no longer running, so this re-queue is a no-op.
+            # A cancelled task is no longer running, so this release is a no-op;
+            # a task cut short by shutdown gets its attempt back.
             ctx.stop_event.set()
             self.metrics.finished(task.operation, "interrupted")
-            requeued = await self._write(
-                ledger.task_mark_retry, task.task_id, task.attempts, "interrupted by worker shutdown", 0.0
+            released = await self._write(
+                ledger.task_release, task.task_id, task.attempts, "interrupted by worker shutdown; attempt not counted"
             )
-            if requeued is not None:
-                log.warning("task %s interrupted by shutdown; re-queued", task.task_id)
+            if released is not None:
+                log.warning("task %s interrupted by shutdown; re-queued with its attempt back", task.task_id)
             else:
                 log.info("task %s was cancelled while running", task.task_id)
             raise

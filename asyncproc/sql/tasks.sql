@@ -24,33 +24,36 @@ SELECT task_id, operation, payload, status, result, error_message, attempts, max
 FROM tasks
 WHERE task_id = %(task_id)s
 
+-- The worker's writes go through its functions (migrations/0007), which carry
+-- the worker's right to record outcomes, each fenced on the attempt it ran.
+
 -- name: task_mark_completed
-UPDATE tasks
-SET status = 'completed', result = %(result)s, progress = 100
-WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
-RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id, owner
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM asyncproc_worker_complete(%(task_id)s, %(attempt)s, %(result)s)
 
 -- name: task_mark_failed
-UPDATE tasks
-SET status = 'failed', error_message = %(error_message)s
-WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
-RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id, owner
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM asyncproc_worker_fail(%(task_id)s, %(attempt)s, %(error_message)s)
 
 -- name: task_mark_retry
-UPDATE tasks
-SET status = 'pending', error_message = %(error_message)s,
-    scheduled_at = now() + make_interval(secs => %(delay_seconds)s)
-WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
-RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-          idempotency_key, request_id, owner
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM asyncproc_worker_retry(%(task_id)s, %(attempt)s, %(error_message)s, %(delay_seconds)s)
 
--- name: task_requeue_stalled
-SELECT asyncproc_requeue_stalled(%(stalled_seconds)s) AS requeued
+-- name: task_release
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM asyncproc_worker_release(%(task_id)s, %(attempt)s, %(reason)s)
+
+-- name: tasks_sweep
+SELECT requeued, failed, redeferred, dropped
+FROM asyncproc_sweep(%(stalled_seconds)s)
 
 -- name: task_retry
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
@@ -68,9 +71,7 @@ FROM asyncproc_cancel(%(task_id)s)
 SELECT asyncproc_retry_failed(%(since)s, %(operation)s) AS retried
 
 -- name: task_set_progress
-UPDATE tasks
-SET progress = %(progress)s, progress_message = %(message)s
-WHERE task_id = %(task_id)s AND status = 'running' AND attempts = %(attempt)s
+SELECT asyncproc_worker_progress(%(task_id)s, %(attempt)s, %(progress)s, %(message)s)
 
 -- name: task_insert_batch
 -- One statement for the whole batch, so the statement-level trigger defers

@@ -285,7 +285,7 @@ def test_idempotency_key_returns_the_original_task(client, clean_db):
 def test_health_reports_database_and_cache(client):
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok", "database": "ok", "cache": "ok"}
+    assert response.get_json() == {"status": "ok", "database": "ok", "cache": "ok", "listener": "ok"}
 
 
 def test_finished_results_are_cached_and_a_hit_never_touches_postgres(client, clean_db, worker_conn, redis_url):

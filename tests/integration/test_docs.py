@@ -6,12 +6,14 @@ import re
 import shlex
 import subprocess
 
+import psycopg
 import pytest
 
 from asyncproc import db, migrate
 from asyncproc.cli import _parser
 from asyncproc.config import PROJECT_ROOT, Settings, variable_names
 from asyncproc.embedded import find_bindir
+from tests.conftest import WORKER_OPTIONS
 
 DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 SNIPPETS = [snippet for path in DOCUMENTS for snippet in re.findall(r"```sql\n(.*?)```", path.read_text(), re.DOTALL)]
@@ -26,7 +28,7 @@ def readme_database(empty_database) -> str:
     with db.connect(url) as conn:
         migrate.apply_all(conn, Settings().migrations_dir)
         conn.execute("INSERT INTO tasks (task_id, operation) VALUES (%s, 'fail'), (%s, 'sleep')", (FAILED_EXAMPLE, PENDING_EXAMPLE))
-    with db.connect(url, application_name="asyncproc-worker") as worker:
+    with psycopg.connect(url, autocommit=True, options=WORKER_OPTIONS) as worker:
         worker.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (FAILED_EXAMPLE,))
         worker.execute("UPDATE tasks SET status = 'failed', error_message = 'boom' WHERE task_id = %s", (FAILED_EXAMPLE,))
     return url

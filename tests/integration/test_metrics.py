@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncproc import db, migrate
 from asyncproc.api import create_app
 from asyncproc.config import Settings
-from tests.conftest import free_port
+from tests.conftest import WORKER_OPTIONS, free_port
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_with_the_database_gone_metrics_still_answer_and_say_so():
 
 
 def test_run_time_and_queue_wait_histograms_come_from_the_ledger(app, idle_database):
-    with db.connect(idle_database, application_name="asyncproc-worker") as conn:
+    with psycopg.connect(idle_database, autocommit=True, options=WORKER_OPTIONS, row_factory=dict_row) as conn:
         task_id = conn.execute(
             "INSERT INTO tasks (operation, scheduled_at) VALUES ('timed', now() - interval '60 seconds') RETURNING task_id"
         ).fetchone()["task_id"]

@@ -167,22 +167,30 @@ def _orphan_running_task(conn, worker_conn, worker_alive: bool) -> str:
     return task_id
 
 
+def sweep(conn) -> dict:
+    return conn.execute("SELECT requeued, failed, redeferred, dropped FROM asyncproc_sweep(30)").fetchone()
+
+
 def test_a_task_of_a_dead_worker_is_requeued(clean_db, worker_conn):
     task_id = _orphan_running_task(clean_db, worker_conn, worker_alive=False)
-    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
+    assert sweep(clean_db)["requeued"] == 1
     row = clean_db.execute("SELECT status, attempts, error_message FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
-    assert row == {"status": "pending", "attempts": 1, "error_message": "worker lost during attempt 1"}
+    assert row == {
+        "status": "pending",
+        "attempts": 1,
+        "error_message": "worker lost during attempt 1 of 3 (killed, crashed or stalled)",
+    }
     assert [job["status"] for job in jobs_for(clean_db, task_id)] == ["todo"]
 
 
 def test_a_task_of_a_live_worker_is_left_alone(clean_db, worker_conn):
     task_id = _orphan_running_task(clean_db, worker_conn, worker_alive=True)
-    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 0
+    assert sweep(clean_db) == {"requeued": 0, "failed": 0, "redeferred": 0, "dropped": 0}
     assert clean_db.execute("SELECT status FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["status"] == "running"
 
 
 def test_a_pending_task_whose_job_aborted_gets_a_new_job(clean_db, worker_conn):
     task_id = insert_task(clean_db)
     clean_db.execute("UPDATE procrastinate_jobs SET status = 'aborted'")
-    assert worker_conn.execute("SELECT asyncproc_requeue_stalled(30) AS n").fetchone()["n"] == 1
+    assert sweep(clean_db)["redeferred"] == 1
     assert [job["status"] for job in jobs_for(clean_db, task_id)] == ["todo"]
