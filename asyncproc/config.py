@@ -55,6 +55,9 @@ class Settings:
     db_statement_timeout_ms: int = 10000
     # A worker's database round trip unanswered this long means its connections are dead.
     db_response_timeout: float = 10.0
+    # A worker statement waits this long at most for a row lock, and runs this long at most.
+    worker_lock_timeout_ms: int = 5000
+    worker_statement_timeout_ms: int = 60000
     worker_concurrency: int = 10
     worker_poll_seconds: float = 1.0
     shutdown_grace_seconds: float = 30.0
@@ -123,6 +126,12 @@ class Settings:
             ),
             db_response_timeout=reader.number(
                 "ASYNCPROC_DB_RESPONSE_TIMEOUT", default.db_response_timeout, 0.5, 600
+            ),
+            worker_lock_timeout_ms=reader.integer(
+                "ASYNCPROC_WORKER_LOCK_TIMEOUT_MS", default.worker_lock_timeout_ms, 1, 600_000
+            ),
+            worker_statement_timeout_ms=reader.integer(
+                "ASYNCPROC_WORKER_STATEMENT_TIMEOUT_MS", default.worker_statement_timeout_ms, 1000, 3_600_000
             ),
             worker_concurrency=reader.integer(
                 "ASYNCPROC_WORKER_CONCURRENCY", default.worker_concurrency, 1, 1000

@@ -165,10 +165,20 @@ class SeverableAsyncPool(psycopg_pool.AsyncConnectionPool):
 
 
 def async_pool(settings: Settings, application_name: str, max_size: int) -> SeverableAsyncPool:
-    """An unopened async pool; the caller opens it inside its event loop."""
+    """An unopened async pool for the worker; the caller opens it inside its event loop.
+
+    Its statements wait at most worker_lock_timeout_ms for a row lock and run
+    at most worker_statement_timeout_ms: a row that psql holds, or a stuck
+    query, fails one statement instead of stalling the worker.
+    """
+    kwargs = connect_kwargs(settings, application_name)
+    kwargs["options"] = (
+        f"-c lock_timeout={settings.worker_lock_timeout_ms}"
+        f" -c statement_timeout={settings.worker_statement_timeout_ms}"
+    )
     return SeverableAsyncPool(
         check=_check_idle_connection_async,
-        **_pool_options(settings, application_name, max_size),
+        **_pool_options(settings, application_name, max_size, kwargs),
     )
 
 
@@ -190,3 +200,42 @@ def translate_errors() -> Iterator[None]:
     except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
         log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
         raise DatabaseUnavailable("The database is unavailable; try again shortly") from exc
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The psycopg or pool error behind `exc`, following causes (Procrastinate wraps them)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (psycopg.Error, psycopg_pool.PoolTimeout)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# Connection exceptions (08), and the server going away (57P01-57P03).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached or dropped us, as opposed to refusing a query."""
+    error = _database_error(exc)
+    if isinstance(error, psycopg_pool.PoolTimeout):
+        return True
+    if not isinstance(error, psycopg.Error):
+        return False
+    sqlstate = error.sqlstate
+    if sqlstate is None:
+        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+    return sqlstate.startswith(_CONNECTION_SQLSTATES)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what went wrong: the SQLSTATE and message of a database error, else the exception."""
+    error = _database_error(exc) or exc
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    sqlstate = getattr(error, "sqlstate", None)
+    label = f"{type(error).__name__} {sqlstate}" if sqlstate else type(error).__name__
+    return f"{label}: {first}" if first else label

@@ -211,7 +211,7 @@ def retry_failed(pool: psycopg_pool.ConnectionPool, since: timedelta, operation:
     return retried
 
 
-def health(pool: psycopg_pool.ConnectionPool, cache: ResultCache) -> tuple[bool, dict[str, Any]]:
+def health(pool: psycopg_pool.ConnectionPool, cache: ResultCache, events: TaskEvents) -> tuple[bool, dict[str, Any]]:
     database = "ok"
     try:
         with translate_errors(), pool.connection() as conn:
@@ -223,4 +223,6 @@ def health(pool: psycopg_pool.ConnectionPool, cache: ResultCache) -> tuple[bool,
         "status": "ok" if healthy else "unavailable",
         "database": database,
         "cache": cache.ping(),
+        # Without its listener the API still answers, polling: reported, not fatal.
+        "listener": events.state,
     }

@@ -20,7 +20,8 @@ import psycopg
 from asyncproc import db
 from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
-from asyncproc.ledger import FINAL_STATUSES
+from asyncproc.ledger import FINAL_STATUSES, STATUSES
+from asyncproc.loops import LoopHealth
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class TaskEvents:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self.health = LoopHealth("task-change listener")
         self._thread = threading.Thread(target=self._listen_forever, name="task-events", daemon=True)
 
     def start(self) -> "TaskEvents":
@@ -50,6 +52,13 @@ class TaskEvents:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def state(self) -> str:
+        """ok (listening), connecting, or failing (several failures in a row)."""
+        if self.connected:
+            return "ok"
+        return self.health.state if self.health.failing else "connecting"
 
     def wait_slice(self, remaining: float) -> float:
         """How long a waiter may sleep before it must look at the database again."""
@@ -85,22 +94,41 @@ class TaskEvents:
             event.set()
 
     def _listen_forever(self) -> None:
+        # Any role can NOTIFY on our channel, and any failure here would leave
+        # waiters asleep and caches stale: nothing may end this loop but close().
         while not self._stop.is_set():
             try:
-                with db.connect(self._settings.database_url, self._settings, "asyncproc-api-listener") as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    self._connected.set()
-                    log.info("listening for task changes")
-                    # Anything announced while we were away is lost: look again.
-                    self._wake_everyone()
-                    while not self._stop.is_set():
-                        for notify in conn.notifies(timeout=1.0):
-                            task_id, _, status = notify.payload.partition(" ")
-                            self._announce(UUID(task_id), status)
-            except psycopg.Error as exc:
-                if self._connected.is_set():
-                    log.warning("task-change listener lost the database: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                self._listen()
+            except Exception as exc:
+                self.health.failed(exc)
                 self._connected.clear()
                 self._wake_everyone()
-                self._stop.wait(_RECONNECT_SECONDS)
+                self._stop.wait(self.health.backoff(_RECONNECT_SECONDS))
         self._connected.clear()
+
+    def _listen(self) -> None:
+        with db.connect(self._settings.database_url, self._settings, "asyncproc-api-listener") as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._connected.set()
+            self.health.succeeded()
+            log.info("listening for task changes")
+            # Anything announced while we were away is lost: look again.
+            self._wake_everyone()
+            while not self._stop.is_set():
+                for notify in conn.notifies(timeout=1.0):
+                    parsed = parse_notification(notify.payload)
+                    if parsed is None:
+                        log.warning("ignored a malformed %s notification: %r", CHANNEL, notify.payload[:200])
+                        continue
+                    self._announce(*parsed)
+
+
+def parse_notification(payload: str) -> tuple[UUID, str] | None:
+    """(task id, status) from "<uuid> <status>", or None for anything else."""
+    raw_id, _, status = payload.partition(" ")
+    if status not in STATUSES:
+        return None
+    try:
+        return UUID(raw_id), status
+    except ValueError:
+        return None

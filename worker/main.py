@@ -1,9 +1,12 @@
 """The worker process: open the pool, run Procrastinate, survive the database going away.
 
 This worker restarts its Procrastinate worker after a short pause whenever it
-stops on a database error, breaks its connections when the database stops
-answering on them (a half-open connection), and sweeps stalled jobs so that a
-task whose worker died is re-queued.
+stops on an error, breaks its connections when the database stops answering
+on them (a half-open connection), and sweeps: a task whose worker died is
+re-queued or, with no attempt left, failed, and the tasks and jobs tables are
+reconciled. The sweep and the watchdog are supervised loops (asyncproc.loops):
+any error is logged and the loop goes on, and the metrics say when one keeps
+failing.
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
-
-import psycopg
-import psycopg_pool
-from procrastinate import exceptions as procrastinate_errors
 
 from asyncproc import db, ledger
 from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
+from asyncproc.loops import LoopHealth, run_periodically, wait_or_stop
 from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
 from worker.metrics import WorkerMetrics
@@ -29,12 +30,8 @@ from worker.runner import Runner
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_SECONDS = 1.0
-_DB_ERRORS = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    psycopg_pool.PoolTimeout,
-    procrastinate_errors.ConnectorException,
-)
+# A Procrastinate worker that ran this long before it stopped was not failing in a row.
+HEALTHY_RUN_SECONDS = 60.0
 
 
 def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
@@ -86,33 +83,46 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
 
-    sweeper = asyncio.create_task(_sweep_stalled(settings, pool, stopping), name="stalled-sweeper")
-    watchdog = asyncio.create_task(_watch_database(settings, pool, stopping), name="database-watchdog")
+    loops = [
+        (LoopHealth("sweep"), lambda: _sweep(settings, pool), sweep_period(settings)),
+        (LoopHealth("database watchdog"), lambda: _probe_database(settings, pool), settings.heartbeat_seconds),
+    ]
+    for health, _, _ in loops:
+        metrics.watch_loop(health)
+    supervised = [
+        asyncio.create_task(run_periodically(health, step, period, stopping), name=health.name)
+        for health, step, period in loops
+    ]
+    dispatch = LoopHealth("procrastinate worker")
+    metrics.watch_loop(dispatch)
     log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
     try:
         while not stopping.is_set():
             worker_task = asyncio.create_task(_run_procrastinate(app, pool, settings, concurrency))
+            started = time.monotonic()
             try:
                 await worker_task
             except asyncio.CancelledError:
                 if not stopping.is_set():
                     raise
-            except _DB_ERRORS as exc:
-                log.warning("worker lost the database (%s); restarting in %ss", _first_line(exc), RESTART_DELAY_SECONDS)
+            except Exception as exc:
+                if time.monotonic() - started > HEALTHY_RUN_SECONDS:
+                    dispatch.succeeded()
+                dispatch.failed(exc)
             if not stopping.is_set():
-                log.info("procrastinate worker stopped; restarting it")
-                await _wait(stopping, RESTART_DELAY_SECONDS)
+                log.info("procrastinate worker stopped; restarting it in %ss", RESTART_DELAY_SECONDS)
+                await wait_or_stop(stopping, RESTART_DELAY_SECONDS)
     finally:
-        sweeper.cancel()
-        watchdog.cancel()
-        await asyncio.gather(sweeper, watchdog, return_exceptions=True)
+        for loop_task in supervised:
+            loop_task.cancel()
+        await asyncio.gather(*supervised, return_exceptions=True)
         await pool.close(timeout=5)
         await cache.close()
     log.info("worker stopped")
     return runner.in_flight
 
 
-async def _run_procrastinate(app, pool: psycopg_pool.AsyncConnectionPool, settings: Settings, concurrency: int) -> None:
+async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Settings, concurrency: int) -> None:
     async with app.open_async(pool):
         await app.run_worker_async(
             queues=[QUEUE],
@@ -140,53 +150,36 @@ def stalled_recovery_bound(settings: Settings) -> float:
     return settings.stalled_seconds + sweep_period(settings)
 
 
-async def _sweep_stalled(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> None:
-    period = sweep_period(settings)
-    while not stopping.is_set():
-        try:
-            async with pool.connection() as conn:
-                repaired = await ledger.task_requeue_stalled(conn, settings.stalled_seconds)
-            if repaired:
-                log.warning("re-queued %s task(s) whose worker or job was lost", repaired)
-        except _DB_ERRORS as exc:
-            log.warning("stalled-task sweep skipped: %s", _first_line(exc))
-        await _wait(stopping, period)
+async def _sweep(settings: Settings, pool: db.SeverableAsyncPool) -> None:
+    async with pool.connection() as conn:
+        report = await ledger.tasks_sweep(conn, settings.stalled_seconds)
+    if report.requeued or report.failed:
+        log.warning(
+            "worker lost: re-queued %s task(s), failed %s with no attempt left", report.requeued, report.failed
+        )
+    if report.redeferred or report.dropped:
+        log.warning(
+            "reconciled: queued %s pending task(s) that had no job or a stale one, dropped %s stray job(s)",
+            report.redeferred,
+            report.dropped,
+        )
 
 
-async def _watch_database(settings: Settings, pool: db.SeverableAsyncPool, stopping: asyncio.Event) -> None:
+async def _probe_database(settings: Settings, pool: db.SeverableAsyncPool) -> None:
     """Break every connection when the database stops answering on them.
 
     A connection cut without a FIN or RST (a dead NAT entry, a partition) leaves
     queries waiting forever, Procrastinate's included. Failing them makes every
     part of the worker reconnect through its usual error path.
     """
-    while not stopping.is_set():
-        await _wait(stopping, settings.heartbeat_seconds)
-        try:
-            async with asyncio.timeout(settings.db_response_timeout):
-                async with pool.connection() as conn:
-                    await conn.execute("SELECT 1")
-        except TimeoutError:
-            severed = pool.sever()
-            log.warning(
-                "the database did not answer within %ss; broke %s connection(s) to reconnect",
-                settings.db_response_timeout,
-                severed,
-            )
-        except _DB_ERRORS as exc:
-            # The database is refusing or closing connections: the error reaches
-            # every waiter by itself, so there is nothing to break.
-            log.debug("database probe failed: %s", _first_line(exc))
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
     try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
+        async with asyncio.timeout(settings.db_response_timeout):
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+    except TimeoutError:
+        severed = pool.sever()
+        log.warning(
+            "the database did not answer within %ss; broke %s connection(s) to reconnect",
+            settings.db_response_timeout,
+            severed,
+        )

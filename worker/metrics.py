@@ -10,7 +10,9 @@ import logging
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from asyncproc.loops import LoopHealth
 from asyncproc.metrics import SECONDS_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.running = Gauge("asyncproc_worker_tasks_running", "Handlers running now", registry=self.registry)
+        self._loops: list[LoopHealth] = []
+        self.registry.register(_LoopCollector(self._loops))
+
+    def watch_loop(self, health: LoopHealth) -> None:
+        self._loops.append(health)
 
     def serve(self, port: int) -> None:
         # All interfaces, as exporters do: in a container Prometheus scrapes from outside.
@@ -55,3 +62,26 @@ class WorkerMetrics:
 
     def finished(self, operation: str, outcome: str) -> None:
         self.outcomes.labels(operation, outcome).inc()
+
+
+class _LoopCollector:
+    """Reads each background loop's health at scrape time."""
+
+    def __init__(self, loops: list[LoopHealth]):
+        self._loops = loops
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        failing = GaugeMetricFamily(
+            "asyncproc_worker_loop_failing", "1 while a background loop has failed several times in a row", labels=["loop"]
+        )
+        failures = CounterMetricFamily(
+            "asyncproc_worker_loop_failures", "Failures of each background loop, each logged and survived", labels=["loop"]
+        )
+        for health in self._loops:
+            failing.add_metric([health.name], 1.0 if health.failing else 0.0)
+            failures.add_metric([health.name], health.failures_total)
+        yield failing
+        yield failures

@@ -135,5 +135,5 @@ def cancel(raw_id: str):
 @bp.get("/health")
 def health():
     res = resources()
-    healthy, body = service.health(res.pool, res.cache)
+    healthy, body = service.health(res.pool, res.cache, res.events)
     return body, 200 if healthy else 503
