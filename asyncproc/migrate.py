@@ -4,6 +4,12 @@ Migrations are the numbered files in migrations/, forward-only. Each is applied
 once, in its own transaction, and recorded in asyncproc_migrations. A
 transaction-level advisory lock serialises runners, so `asyncproc migrate` is
 safe to run twice or from two hosts at once.
+
+Procrastinate's schema is installed by 0001 from the installed package, and
+the Procrastinate schema version it applied is recorded with it. When a later
+Procrastinate is installed, its own migrations from the recorded version up to
+the installed one are applied first, each recorded the same way; a
+Procrastinate release the code was not tested with is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import procrastinate
 import psycopg
 from procrastinate.schema import SchemaManager
 
@@ -23,6 +30,14 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = 7_248_112_017
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PROCRASTINATE_DIRECTIVE = re.compile(r"^-- asyncproc:procrastinate-schema (\d+\.\d+)\s*$", re.MULTILINE)
+# The Procrastinate releases (major.minor) this code was tested with; keep in
+# step with the pin in setup.cfg. The claim and the bridge functions
+# (migrations 0002, 0006, 0007) rely on their fetch and defer functions.
+TESTED_PROCRASTINATE = ("3.10",)
+# The Procrastinate schema of databases migrated before versions were recorded:
+# 0001 was only ever applied from Procrastinate 3.10.
+BASELINE_PROCRASTINATE_SCHEMA = "03.04.00_50"
+_PROCRASTINATE_MIGRATION = re.compile(r"^(\d{2}\.\d{2}\.\d{2}_\d{2})_[a-z0-9_]+\.sql$")
 
 
 class MigrationError(Exception):
@@ -34,18 +49,47 @@ class Migration:
     version: str
     path: Path
 
+    @property
+    def installs_procrastinate(self) -> bool:
+        return _PROCRASTINATE_DIRECTIVE.search(self.path.read_text()) is not None
+
     def sql(self) -> str:
-        text = self.path.read_text()
-        directive = _PROCRASTINATE_DIRECTIVE.search(text)
-        if directive is None:
-            return text
-        wanted = directive.group(1)
-        installed = metadata.version("procrastinate")
-        if not (installed == wanted or installed.startswith(wanted + ".")):
-            raise MigrationError(
-                f"{self.path.name} needs procrastinate {wanted}.x, but {installed} is installed"
-            )
-        return SchemaManager.get_schema()
+        if self.installs_procrastinate:
+            check_procrastinate_tested()
+            return SchemaManager.get_schema()
+        return self.path.read_text()
+
+
+def check_procrastinate_tested(installed: str | None = None) -> None:
+    installed = installed or metadata.version("procrastinate")
+    if not any(installed == tested or installed.startswith(tested + ".") for tested in TESTED_PROCRASTINATE):
+        raise MigrationError(
+            f"procrastinate {installed} is installed, but asyncproc was tested with "
+            f"{', '.join(v + '.x' for v in TESTED_PROCRASTINATE)} only: install a tested release"
+        )
+
+
+@dataclass(frozen=True)
+class ProcrastinateMigration:
+    """One of Procrastinate's own migration files, named like 03.04.00_50_what_it_does.sql."""
+
+    schema_version: str
+    path: Path
+
+
+def procrastinate_migrations(directory: Path | None = None) -> list[ProcrastinateMigration]:
+    directory = directory or Path(procrastinate.__file__).parent / "sql" / "migrations"
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _PROCRASTINATE_MIGRATION.match(path.name)
+        if match:
+            found.append(ProcrastinateMigration(match.group(1), path))
+    return found
+
+
+def installed_procrastinate_schema() -> str:
+    """The schema version that the installed Procrastinate's schema.sql corresponds to."""
+    return procrastinate_migrations()[-1].schema_version
 
 
 def discover(directory: Path) -> list[Migration]:
@@ -65,6 +109,37 @@ def _applied(conn: psycopg.Connection) -> set[str]:
     return {row["version"] for row in rows}
 
 
+def recorded_procrastinate_schema(conn: psycopg.Connection) -> str | None:
+    """The Procrastinate schema version the database holds, or None before 0001."""
+    row = conn.execute("SELECT max(procrastinate_schema) AS version FROM asyncproc_migrations").fetchone()
+    return row["version"]
+
+
+def _record(conn: psycopg.Connection, version: str, procrastinate_schema: str | None) -> None:
+    conn.execute(
+        "INSERT INTO asyncproc_migrations (version, procrastinate_schema) VALUES (%s, %s)",
+        (version, procrastinate_schema),
+    )
+
+
+def _upgrade_procrastinate(conn: psycopg.Connection) -> list[str]:
+    """Apply Procrastinate's migrations between the recorded schema and the installed one."""
+    applied_now = []
+    for step in procrastinate_migrations():
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
+            recorded = recorded_procrastinate_schema(conn)
+            if recorded is None or step.schema_version <= recorded:
+                continue
+            check_procrastinate_tested()
+            version = f"procrastinate-{step.path.stem}"
+            log.info("applying Procrastinate migration %s", step.path.name)
+            conn.execute(step.path.read_text().encode())
+            _record(conn, version, step.schema_version)
+            applied_now.append(version)
+    return applied_now
+
+
 def apply_all(conn: psycopg.Connection, directory: Path) -> list[str]:
     """Apply every pending migration; return the versions applied now."""
     migrations = discover(directory)
@@ -75,7 +150,17 @@ def apply_all(conn: psycopg.Connection, directory: Path) -> list[str]:
             " version text PRIMARY KEY,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-    applied_now = []
+        # Databases migrated before schema versions were recorded hold the baseline.
+        conn.execute("ALTER TABLE asyncproc_migrations ADD COLUMN IF NOT EXISTS procrastinate_schema text")
+        for migration in migrations:
+            if migration.installs_procrastinate:
+                conn.execute(
+                    "UPDATE asyncproc_migrations SET procrastinate_schema = %s"
+                    " WHERE version = %s AND procrastinate_schema IS NULL",
+                    (BASELINE_PROCRASTINATE_SCHEMA, migration.version),
+                )
+    # Our later migrations are written against the newest tested schema.
+    applied_now = _upgrade_procrastinate(conn)
     for migration in migrations:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
@@ -83,8 +168,7 @@ def apply_all(conn: psycopg.Connection, directory: Path) -> list[str]:
                 continue
             log.info("applying migration %s", migration.version)
             conn.execute(migration.sql().encode())
-            conn.execute(
-                "INSERT INTO asyncproc_migrations (version) VALUES (%s)", (migration.version,)
-            )
+            schema = installed_procrastinate_schema() if migration.installs_procrastinate else None
+            _record(conn, migration.version, schema)
             applied_now.append(migration.version)
     return applied_now

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ def test_all_migrations_build_the_schema_on_an_empty_database(empty_database):
         }
         assert {"tasks", "procrastinate_jobs", "asyncproc_migrations"} <= tables
         functions = {row["proname"] for row in conn.execute("SELECT proname FROM pg_proc")}
-        assert {"asyncproc_defer_jobs", "asyncproc_requeue_stalled", "asyncproc_delete_queued_job"} <= functions
+        assert {"asyncproc_defer_jobs", "asyncproc_sweep", "asyncproc_delete_queued_job"} <= functions
         recorded = [row["version"] for row in conn.execute("SELECT version FROM asyncproc_migrations ORDER BY version")]
         assert recorded == applied
         assert migrate.apply_all(conn, MIGRATIONS) == []
@@ -57,10 +59,15 @@ def test_procrastinate_version_is_the_pinned_one():
     assert metadata.version("procrastinate").startswith("3.10.")
 
 
-def test_procrastinate_schema_directive_refuses_another_version(tmp_path, monkeypatch):
-    (tmp_path / "0001_procrastinate.sql").write_text("-- asyncproc:procrastinate-schema 9.9\n")
-    with pytest.raises(migrate.MigrationError, match="needs procrastinate 9.9"):
-        migrate.discover(tmp_path)[0].sql()
+def test_an_untested_procrastinate_release_is_refused():
+    with pytest.raises(migrate.MigrationError, match="procrastinate 3.11.0 is installed, but asyncproc was tested with 3.10.x only"):
+        migrate.check_procrastinate_tested("3.11.0")
+    migrate.check_procrastinate_tested("3.10.7")
+
+
+def test_the_tested_releases_match_the_pin_in_setup_cfg():
+    pin = re.search(r"procrastinate>=(\d+\.\d+),<", (Path(__file__).parents[2] / "setup.cfg").read_text()).group(1)
+    assert migrate.TESTED_PROCRASTINATE == (pin,)
 
 
 def test_api_default_max_attempts_matches_the_column_default(conn):
