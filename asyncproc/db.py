@@ -164,18 +164,27 @@ class SeverableAsyncPool(psycopg_pool.AsyncConnectionPool):
         return severed
 
 
-def async_pool(settings: Settings, application_name: str, max_size: int) -> SeverableAsyncPool:
-    """An unopened async pool for the worker; the caller opens it inside its event loop.
+def worker_options(settings: Settings) -> str:
+    """Server settings of every worker connection.
 
-    Its statements wait at most worker_lock_timeout_ms for a row lock and run
-    at most worker_statement_timeout_ms: a row that psql holds, or a stuck
-    query, fails one statement instead of stalling the worker.
+    A statement waits at most worker_lock_timeout_ms for a row lock and runs at
+    most worker_statement_timeout_ms: a row that psql holds, or a stuck query,
+    fails one statement instead of stalling the worker. Every worker statement
+    (Procrastinate's fetch included) wants a few rows through an index, and on
+    a new or unanalysed table the planner would read the backlog's whole index
+    instead, so the other plans are ruled out (tests/integration/test_plans.py).
     """
-    kwargs = connect_kwargs(settings, application_name)
-    kwargs["options"] = (
+    return (
         f"-c lock_timeout={settings.worker_lock_timeout_ms}"
         f" -c statement_timeout={settings.worker_statement_timeout_ms}"
+        " -c enable_seqscan=off -c enable_bitmapscan=off"
     )
+
+
+def async_pool(settings: Settings, application_name: str, max_size: int) -> SeverableAsyncPool:
+    """An unopened async pool for the worker; the caller opens it inside its event loop."""
+    kwargs = connect_kwargs(settings, application_name)
+    kwargs["options"] = worker_options(settings)
     return SeverableAsyncPool(
         check=_check_idle_connection_async,
         **_pool_options(settings, application_name, max_size, kwargs),

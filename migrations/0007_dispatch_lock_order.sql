@@ -364,6 +364,10 @@ CREATE FUNCTION asyncproc_sweep(stalled_seconds double precision, window_size in
     SECURITY DEFINER
     SET search_path FROM CURRENT
     SET asyncproc.writer = 'worker'
+    -- Each step walks an index over the few rows it wants; on unanalysed
+    -- tables the planner would read the whole backlog's index instead.
+    SET enable_seqscan = off
+    SET enable_bitmapscan = off
 AS $$
 DECLARE
     lost uuid[];

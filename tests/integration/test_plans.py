@@ -1,0 +1,143 @@
+"""Plan regression: every hot-path and sweep statement uses an index at a 100k backlog, statistics never analysed.
+
+A queue's backlog is its normal state, and a table the planner has never
+analysed is the normal state of a new deployment. auto_explain records the
+plan of every statement, the ones run inside our triggers and functions
+included, and the test fails on a sequential scan of tasks or
+procrastinate_jobs, or on a bitmap scan, which on these tables means reading
+the whole backlog's index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from asyncproc import db, migrate
+from asyncproc.config import Settings
+
+BACKLOG = 100_000
+_BAD_NODE = re.compile(r"(Seq Scan|Bitmap Heap Scan|Bitmap Index Scan) on (tasks|procrastinate_jobs)\b")
+
+
+@pytest.fixture(scope="module")
+def backlog_url(empty_database) -> str:
+    url = empty_database()
+    with db.connect(url) as conn:
+        migrate.apply_all(conn, Settings().migrations_dir)
+        # Never analysed: autovacuum would otherwise analyse the tables while the test runs.
+        for table in ("tasks", "procrastinate_jobs", "procrastinate_events"):
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        conn.execute(
+            "INSERT INTO tasks (operation, payload) SELECT 'compute', jsonb_build_object('n', i)"
+            " FROM generate_series(1, %s) AS i",
+            (BACKLOG,),
+        )
+        never = conn.execute(
+            "SELECT count(*) AS n FROM pg_stat_user_tables"
+            " WHERE relname IN ('tasks', 'procrastinate_jobs') AND last_analyze IS NULL AND last_autoanalyze IS NULL"
+        ).fetchone()["n"]
+        assert never == 2
+    return url
+
+
+@contextlib.contextmanager
+def explaining(url: str, options: str = "") -> Iterator[tuple[psycopg.Connection, Callable[[], list[str]]]]:
+    """A connection whose every statement, nested ones included, reports its plan; and a reader of those plans."""
+    plans: list[str] = []
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row, options=options) as conn:
+        conn.execute("LOAD 'auto_explain'")
+        for setting, value in (
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_level", "notice"),
+            ("client_min_messages", "notice"),
+        ):
+            conn.execute(f"SET {setting} = '{value}'")
+        conn.add_notice_handler(lambda diagnostic: plans.append(diagnostic.message_primary or ""))
+
+        def taken() -> list[str]:
+            found = list(plans)
+            plans.clear()
+            return found
+
+        yield conn, taken
+
+
+@pytest.fixture
+def explained(backlog_url) -> Iterator[tuple[psycopg.Connection, Callable[[], list[str]]]]:
+    """A connection with the worker's settings (db.worker_options), reporting its plans."""
+    with explaining(backlog_url, db.worker_options(Settings())) as session:
+        yield session
+
+
+def assert_indexed(plans: list[str]) -> None:
+    assert plans, "auto_explain reported no plan"
+    bad = [plan for plan in plans if _BAD_NODE.search(plan)]
+    assert not bad, "a scan of the backlog:\n" + "\n\n".join(bad)
+
+
+def _new_worker(conn) -> int:
+    return conn.execute("SELECT worker_id FROM procrastinate_register_worker_v1()").fetchone()["worker_id"]
+
+
+def _fetch(conn, worker_id: int) -> dict:
+    return conn.execute(
+        "SELECT id, args FROM procrastinate_fetch_job_v2(ARRAY['asyncproc'], %s)", (worker_id,)
+    ).fetchone()
+
+
+def test_the_apis_insert_and_its_defer_probe_the_queueing_lock_index(backlog_url):
+    with explaining(backlog_url) as (conn, plans):
+        conn.execute(db.query("task_insert"), {
+            "operation": "compute", "payload": Jsonb({"n": 1}), "max_attempts": 3, "priority": 0,
+            "run_at": None, "idempotency_key": None, "request_id": None, "owner": None,
+        })
+        assert_indexed(plans())
+
+
+def test_fetch_and_claim_use_indexes(explained):
+    conn, plans = explained
+    worker_id = _new_worker(conn)
+    plans()
+    job = _fetch(conn, worker_id)
+    assert job["args"]["claimed"] is not None
+    assert_indexed(plans())
+
+
+def test_outcome_writes_use_the_primary_key(explained):
+    conn, plans = explained
+    job = _fetch(conn, _new_worker(conn))
+    claimed = job["args"]["claimed"]
+    plans()
+    conn.execute(db.query("task_mark_retry"), {
+        "task_id": claimed["task_id"], "attempt": claimed["attempts"], "error_message": "boom", "delay_seconds": 0,
+    })
+    assert_indexed(plans())
+
+
+def test_an_operators_insert_cancel_and_reschedule_use_indexes(backlog_url):
+    # A psql session has none of the worker's settings: what our triggers run must plan well by itself.
+    with explaining(backlog_url) as (conn, plans):
+        task_id = conn.execute(
+            "SELECT task_id FROM tasks WHERE status = 'pending' ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()["task_id"]
+        plans()
+        conn.execute("INSERT INTO tasks (operation) VALUES ('compute')")
+        conn.execute("UPDATE tasks SET scheduled_at = now() + interval '1 hour' WHERE task_id = %s", (task_id,))
+        conn.execute("UPDATE tasks SET priority = 5 WHERE task_id = %s", (task_id,))
+        conn.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
+        assert_indexed(plans())
+
+
+def test_the_sweep_uses_indexes_wherever_it_is_called_from(backlog_url):
+    with explaining(backlog_url) as (conn, plans):
+        conn.execute("SELECT * FROM asyncproc_sweep(30)")
+        assert_indexed(plans())
+
