@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -76,3 +79,79 @@ def test_api_default_max_attempts_matches_the_column_default(conn):
         " WHERE table_name = 'tasks' AND column_name = 'max_attempts'"
     ).fetchone()
     assert row["column_default"] == str(service.DEFAULT_MAX_ATTEMPTS)
+
+
+def test_migrations_record_the_procrastinate_schema_they_applied(conn):
+    assert migrate.recorded_procrastinate_schema(conn) == migrate.installed_procrastinate_schema()
+    row = conn.execute(
+        "SELECT procrastinate_schema FROM asyncproc_migrations WHERE version = '0001_procrastinate'"
+    ).fetchone()
+    assert row["procrastinate_schema"] == migrate.installed_procrastinate_schema()
+
+
+PREVIOUS_PROCRASTINATE = "3.3.0"  # the last release before the schema that 3.10 installs (03.04.00)
+
+
+def _previous_procrastinate_schema(directory: Path) -> str:
+    """schema.sql of an older Procrastinate release, read from its wheel on PyPI (never vendored here)."""
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(directory),
+         f"procrastinate=={PREVIOUS_PROCRASTINATE}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    wheels = list(directory.glob("procrastinate-*.whl"))
+    if fetched.returncode != 0 or not wheels:
+        pytest.skip(f"needs PyPI to fetch procrastinate {PREVIOUS_PROCRASTINATE}: {fetched.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return wheel.read("procrastinate/sql/schema.sql").decode()
+
+
+def _procrastinate_objects(conn) -> dict[str, list]:
+    """Procrastinate's schema as the catalogue sees it: columns, functions, indexes, triggers, enum values."""
+    return {
+        "columns": conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name LIKE 'procrastinate%' ORDER BY 1, 2"
+        ).fetchall(),
+        "functions": conn.execute(
+            "SELECT proname, pg_get_function_identity_arguments(oid) AS args, md5(regexp_replace(prosrc, '\\s+', ' ', 'g')) AS body"
+            " FROM pg_proc WHERE proname LIKE 'procrastinate%' ORDER BY 1, 2"
+        ).fetchall(),
+        "indexes": conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename LIKE 'procrastinate%' ORDER BY 1"
+        ).fetchall(),
+        "triggers": conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'procrastinate%' AND NOT tgisinternal ORDER BY 1"
+        ).fetchall(),
+        "enums": conn.execute(
+            "SELECT t.typname, e.enumlabel FROM pg_enum AS e JOIN pg_type AS t ON t.oid = e.enumtypid"
+            " WHERE t.typname LIKE 'procrastinate%' ORDER BY 1, 2"
+        ).fetchall(),
+    }
+
+
+def test_a_database_at_the_previous_procrastinate_schema_is_upgraded_to_the_installed_one(empty_database, tmp_path):
+    old_schema = _previous_procrastinate_schema(tmp_path)
+    upgraded_url, fresh_url = empty_database(), empty_database()
+    with db.connect(upgraded_url) as conn:
+        # As asyncproc would have left a database when it pinned that release: 0001 applied and recorded.
+        conn.execute(old_schema.encode())
+        conn.execute(
+            "CREATE TABLE asyncproc_migrations (version text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now(), procrastinate_schema text)"
+        )
+        conn.execute("INSERT INTO asyncproc_migrations (version, procrastinate_schema) VALUES ('0001_procrastinate', '03.03.00_01')")
+        applied = migrate.apply_all(conn, MIGRATIONS)
+        upgrades = [version for version in applied if version.startswith("procrastinate-")]
+        assert upgrades == [f"procrastinate-{step.path.stem}" for step in migrate.procrastinate_migrations()
+                            if step.schema_version > "03.03.00_01"]
+        assert upgrades, "the previous release's schema should need an upgrade"
+        assert applied[len(upgrades):] == [m.version for m in migrate.discover(MIGRATIONS)][1:]
+        assert migrate.recorded_procrastinate_schema(conn) == migrate.installed_procrastinate_schema()
+        assert migrate.apply_all(conn, MIGRATIONS) == []
+        upgraded = _procrastinate_objects(conn)
+    with db.connect(fresh_url) as conn:
+        migrate.apply_all(conn, MIGRATIONS)
+        fresh = _procrastinate_objects(conn)
+    for kind in fresh:
+        assert upgraded[kind] == fresh[kind], kind
