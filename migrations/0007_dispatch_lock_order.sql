@@ -396,8 +396,10 @@ BEGIN
         SELECT task_id FROM tasks
         WHERE status = 'running'
           AND NOT EXISTS (
+              -- A doing job that claimed nothing is a no-op on its way out; it runs nothing.
               SELECT 1 FROM procrastinate_jobs AS jobs
-              WHERE jobs.status = 'doing' AND jobs.args->>'task_id' = tasks.task_id::text)
+              WHERE jobs.status = 'doing' AND jobs.args->>'task_id' = tasks.task_id::text
+                AND jsonb_typeof(jobs.args->'claimed') = 'object')
         FOR NO KEY UPDATE SKIP LOCKED
     ), changed AS (
         UPDATE tasks

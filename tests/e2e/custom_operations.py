@@ -49,3 +49,29 @@ def whoami(payload, ctx):
     finally:
         os.close(fd)
     return {"pid": pid}
+
+
+def _append_run_event(event: dict) -> None:
+    path = os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{os.getpid()}.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(event) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@operation("journal")
+def journal(payload, ctx):
+    """Writes a line when a run starts and when it ends, so a test can tell whether two runs of a task overlapped.
+
+    Fails its first `fail_attempts` attempts, to exercise retries.
+    """
+    base = {"task_id": str(ctx.task_id), "attempt": ctx.attempt, "pid": os.getpid(), "ppid": os.getppid()}
+    _append_run_event({**base, "event": "start", "t": time.time()})
+    try:
+        time.sleep(float(payload.get("seconds", 0)))
+        if ctx.attempt <= int(payload.get("fail_attempts", 0)):
+            raise RuntimeError(f"planned failure of attempt {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+    finally:
+        _append_run_event({**base, "event": "end", "t": time.time()})
