@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -22,8 +23,12 @@ FAILED_EXAMPLE = "7f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
 PENDING_EXAMPLE = "0c9e8d7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f"
 
 
+# The role that docs/operating-with-sql.md creates; roles belong to the whole server.
+DOCUMENTED_ROLE = "alice"
+
+
 @pytest.fixture(scope="module")
-def readme_database(empty_database) -> str:
+def readme_database(empty_database) -> Iterator[str]:
     url = empty_database()
     with db.connect(url) as conn:
         migrate.apply_all(conn, Settings().migrations_dir)
@@ -31,7 +36,11 @@ def readme_database(empty_database) -> str:
     with psycopg.connect(url, autocommit=True, options=WORKER_OPTIONS) as worker:
         worker.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (FAILED_EXAMPLE,))
         worker.execute("UPDATE tasks SET status = 'failed', error_message = 'boom' WHERE task_id = %s", (FAILED_EXAMPLE,))
-    return url
+    with db.connect(url) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {DOCUMENTED_ROLE}")
+    yield url
+    with db.connect(url) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {DOCUMENTED_ROLE}")
 
 
 def test_the_docs_document_every_operator_function_and_view():
