@@ -15,7 +15,6 @@ from collections import defaultdict
 from typing import Iterator
 from uuid import UUID
 
-import psycopg
 
 from asyncproc import db
 from asyncproc.cache import ResultCache

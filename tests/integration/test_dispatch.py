@@ -15,7 +15,6 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from tests.conftest import wait_for
 from tests.integration.test_tasks_table import insert_task, jobs_for
 
 
