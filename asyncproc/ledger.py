@@ -198,9 +198,12 @@ def tasks_retry_failed(conn: psycopg.Connection, since: timedelta, operation: st
     return row["retried"]
 
 
-async def task_release(conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, reason: str) -> Task | None:
-    """Give back the attempt of a run cut short by the worker's shutdown, and re-queue the task."""
-    return await _one(conn, "task_release", {"task_id": task_id, "attempt": attempt, "reason": reason})
+async def task_release(
+    conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, reason: str, delay_seconds: float = 0.0
+) -> Task | None:
+    """Give back the attempt of a claim that ran nothing (a shutdown cut it short), and re-queue the task."""
+    params = {"task_id": task_id, "attempt": attempt, "reason": reason, "delay_seconds": delay_seconds}
+    return await _one(conn, "task_release", params)
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,15 +324,17 @@ AS $$
     RETURNING *
 $$;
 
--- A run cut short by the worker's own shutdown gives its attempt back: the
--- task did not fail, the worker left.
-CREATE FUNCTION asyncproc_worker_release(target uuid, attempt integer, reason text)
+-- A claim that ran nothing gives its attempt back, and the task waits
+-- `delay_seconds`: a run cut short by the worker's own shutdown (the task did
+-- not fail, the worker left), or a task this worker cannot run.
+CREATE FUNCTION asyncproc_worker_release(target uuid, attempt integer, reason text, delay_seconds double precision DEFAULT 0)
     RETURNS SETOF tasks
     LANGUAGE sql
     SET asyncproc.writer = 'worker'
 AS $$
     UPDATE tasks
-    SET status = 'pending', attempts = attempts - 1, error_message = reason, scheduled_at = now()
+    SET status = 'pending', attempts = attempts - 1, error_message = reason,
+        scheduled_at = now() + make_interval(secs => delay_seconds)
     WHERE task_id = target AND status = 'running' AND attempts = attempt
     RETURNING *
 $$;
@@ -498,7 +500,7 @@ REVOKE EXECUTE ON FUNCTION
     asyncproc_worker_complete(uuid, integer, jsonb),
     asyncproc_worker_fail(uuid, integer, text),
     asyncproc_worker_retry(uuid, integer, text, double precision),
-    asyncproc_worker_release(uuid, integer, text),
+    asyncproc_worker_release(uuid, integer, text, double precision),
     asyncproc_worker_progress(uuid, integer, integer, text),
     asyncproc_operator_change(uuid, text[], text, text),
     asyncproc_retry(uuid),

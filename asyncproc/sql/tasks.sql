@@ -49,7 +49,7 @@ FROM asyncproc_worker_retry(%(task_id)s, %(attempt)s, %(error_message)s, %(delay
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
        idempotency_key, request_id, owner
-FROM asyncproc_worker_release(%(task_id)s, %(attempt)s, %(reason)s)
+FROM asyncproc_worker_release(%(task_id)s, %(attempt)s, %(reason)s, %(delay_seconds)s)
 
 -- name: tasks_sweep
 SELECT requeued, failed, redeferred, dropped
