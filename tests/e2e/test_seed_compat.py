@@ -211,4 +211,4 @@ def test_default_mode_errors_are_the_error_object_with_detail(both):
 def test_default_mode_health_reports_database_and_cache(both):
     response = both.native.health()
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "cache": "ok"}
+    assert response.json() == {"status": "ok", "database": "ok", "cache": "ok", "listener": "ok"}
