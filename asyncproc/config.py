@@ -74,6 +74,12 @@ class Settings:
     worker_metrics_port: int | None = None
     # "seed": the HTTP layer answers in the seed's contract (asyncproc/api/compat.py).
     compat: str = "off"
+    # A handler's time limit when neither the task nor its operation sets one (0: none).
+    handler_timeout_seconds: float = 600.0
+    # The memory a handler may allocate in its child process; None: no limit.
+    handler_memory_mb: int | None = None
+    # How long a task whose operation no worker knows waits for one that does.
+    unknown_operation_grace_seconds: float = 900.0
 
     @property
     def auth_required(self) -> bool:
@@ -167,6 +173,13 @@ class Settings:
             **reader.rate_limit("ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
             worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
             compat=reader.choice("ASYNCPROC_COMPAT", default.compat.upper(), ("OFF", "SEED")).lower(),
+            handler_timeout_seconds=reader.number(
+                "ASYNCPROC_HANDLER_TIMEOUT_SECONDS", default.handler_timeout_seconds, 0, 7 * 86400
+            ),
+            handler_memory_mb=reader.optional_integer("ASYNCPROC_HANDLER_MEMORY_MB", 16, 1 << 20),
+            unknown_operation_grace_seconds=reader.number(
+                "ASYNCPROC_UNKNOWN_OPERATION_GRACE", default.unknown_operation_grace_seconds, 0, 30 * 86400
+            ),
         )
 
 

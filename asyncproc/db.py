@@ -21,10 +21,13 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
+from asyncproc import jsonb
 from asyncproc.config import Settings
 from asyncproc.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
 
 log = logging.getLogger(__name__)
+# A jsonb value that Python's json cannot decode must not fail the read of its row.
+jsonb.install()
 
 SQL_DIR = Path(__file__).with_name("sql")
 _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)

@@ -43,6 +43,8 @@ class Task:
     request_id: str | None
     # api_keys.id of the key that created it; None without access control.
     owner: int | None = None
+    # The task's own time limit in seconds; None: its operation's, or the worker's default.
+    timeout_seconds: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -59,6 +61,7 @@ class NewTask:
     idempotency_key: str | None = None
     request_id: str | None = None
     owner: int | None = None
+    timeout_seconds: float | None = None
 
 
 def _task(row: dict[str, Any] | None) -> Task | None:
@@ -108,6 +111,7 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
             "idempotency_key": new.idempotency_key,
             "request_id": new.request_id,
             "owner": new.owner,
+            "timeout_seconds": new.timeout_seconds,
         },
     ).fetchone()
     return _task(row)
@@ -126,6 +130,7 @@ def task_insert_batch(conn: psycopg.Connection, tasks: list[NewTask], request_id
             "priorities": [new.priority for new in tasks],
             "run_ats": [new.run_at for new in tasks],
             "owners": [new.owner for new in tasks],
+            "timeouts": [new.timeout_seconds for new in tasks],
             "request_id": request_id,
         },
     )
@@ -176,6 +181,12 @@ async def task_mark_retry(
     return await _one(conn, "task_mark_retry", params)
 
 
+async def task_count_running_jobs(conn: psycopg.AsyncConnection, task_id: UUID) -> int:
+    cursor = await conn.execute(query("task_count_running_jobs"), {"task_id": task_id})
+    row = await cursor.fetchone()
+    return row["running"]
+
+
 async def task_set_progress(
     conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, progress: int, message: str | None
 ) -> None:
@@ -201,7 +212,7 @@ def tasks_retry_failed(conn: psycopg.Connection, since: timedelta, operation: st
 async def task_release(
     conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, reason: str, delay_seconds: float = 0.0
 ) -> Task | None:
-    """Give back the attempt of a claim that ran nothing (a shutdown cut it short), and re-queue the task."""
+    """Give back the attempt of a claim that ran nothing (a shutdown cut it short, or no handler here), and re-queue the task after `delay_seconds`."""
     params = {"task_id": task_id, "attempt": attempt, "reason": reason, "delay_seconds": delay_seconds}
     return await _one(conn, "task_release", params)
 

@@ -20,11 +20,17 @@ a psql INSERT never passes through the API. The API also publishes it in
 
 Users put their handlers in their own module and name it in
 ASYNCPROC_OPERATIONS_MODULE; the API and the worker import it at start-up.
+
+A sync handler runs in a child process of the worker, so that a crash, a hang
+or a leak costs only its own attempt; `isolation="thread"` runs it in a thread
+of the worker instead, and `timeout_seconds` and `memory_mb` bound each run
+(see docs/handlers.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import random
 import sys
@@ -45,6 +51,11 @@ SCHEMA_KEYWORDS = frozenset(
      "minLength", "maxLength", "items", "enum", "default", "description"}
 )
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# "process": a child process of the worker (the default for sync handlers);
+# "thread": a thread of the worker. Async handlers run on the worker's loop.
+ISOLATIONS = ("process", "thread")
+# The longest time limit a task or an operation may set: a week.
+MAX_TIMEOUT_SECONDS = 7 * 86400
 
 
 class PermanentError(Exception):
@@ -97,23 +108,50 @@ class Operation:
     name: str
     handler: Handler
     input_schema: dict[str, Any] = field(default_factory=lambda: ANY_OBJECT)
+    # None for an async handler, which runs on the worker's event loop.
+    isolation: str | None = "process"
+    # None: the task's own limit, else ASYNCPROC_HANDLER_TIMEOUT_SECONDS.
+    timeout_seconds: float | None = None
+    # None: ASYNCPROC_HANDLER_MEMORY_MB.
+    memory_mb: int | None = None
 
 
 class Registry:
     def __init__(self) -> None:
         self._operations: dict[str, Operation] = {}
 
-    def register(self, name: str, input_schema: dict[str, Any] | None = None) -> Callable[[Handler], Handler]:
+    def register(
+        self,
+        name: str,
+        input_schema: dict[str, Any] | None = None,
+        *,
+        isolation: str | None = None,
+        timeout_seconds: float | None = None,
+        memory_mb: int | None = None,
+    ) -> Callable[[Handler], Handler]:
         schema = ANY_OBJECT if input_schema is None else input_schema
         _check_schema(schema, name)
         if schema.get("type") != "object":
             raise ValueError(f"operation {name!r}: input_schema must have type object")
+        if isolation is not None and isolation not in ISOLATIONS:
+            raise ValueError(f"operation {name!r}: isolation must be one of {', '.join(ISOLATIONS)}")
+        if timeout_seconds is not None and not 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            raise ValueError(f"operation {name!r}: timeout_seconds must be from 0 to {MAX_TIMEOUT_SECONDS}")
+        if memory_mb is not None and not (isinstance(memory_mb, int) and memory_mb >= 16):
+            raise ValueError(f"operation {name!r}: memory_mb must be an integer of at least 16")
 
         def decorator(handler: Handler) -> Handler:
             known = self._operations.get(name)
             if known is not None and known.handler is not handler:
                 raise ValueError(f"operation {name!r} is already registered")
-            self._operations[name] = Operation(name, handler, schema)
+            is_async = inspect.iscoroutinefunction(handler)
+            if is_async and isolation == "thread":
+                raise ValueError(f"operation {name!r}: an async handler runs on the event loop, not in a thread")
+            where = isolation or (None if is_async else "process")
+            if memory_mb is not None and where != "process":
+                # Only a process of its own can be limited and killed alone.
+                raise ValueError(f"operation {name!r}: memory_mb needs isolation='process'")
+            self._operations[name] = Operation(name, handler, schema, where, timeout_seconds, memory_mb)
             return handler
 
         return decorator
@@ -121,6 +159,9 @@ class Registry:
     def get(self, name: str) -> Handler | None:
         known = self._operations.get(name)
         return None if known is None else known.handler
+
+    def find(self, name: str) -> Operation | None:
+        return self._operations.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._operations)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime, timedelta
@@ -12,7 +11,7 @@ from uuid import UUID
 import psycopg
 import psycopg_pool
 
-from asyncproc import ledger
+from asyncproc import jsonb, ledger
 from asyncproc.cache import ResultCache
 from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
@@ -49,7 +48,7 @@ def task_document(task: Task) -> dict[str, Any]:
 
 
 def encode_document(task: Task) -> bytes:
-    return json.dumps(task_document(task), separators=(",", ":")).encode()
+    return jsonb.dumps(task_document(task)).encode()
 
 
 def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool]:

@@ -25,6 +25,7 @@ from asyncproc.loops import LoopHealth, run_periodically, wait_or_stop
 from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
 from worker.metrics import WorkerMetrics
+from worker.pool import ProcessPool
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
     await pool.open(wait=False)
     cache = AsyncResultCache(settings.redis_url, settings.result_ttl_seconds)
-    runner = Runner(settings, pool, cache, registry, executor, metrics)
+    processes = ProcessPool(settings.operations_module, concurrency)
+    await processes.open()
+    runner = Runner(settings, pool, cache, registry, executor, processes, metrics)
     app = build_app(runner)
 
     stopping = asyncio.Event()
@@ -116,6 +119,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         for loop_task in supervised:
             loop_task.cancel()
         await asyncio.gather(*supervised, return_exceptions=True)
+        await processes.close()
         await pool.close(timeout=5)
         await cache.close()
     log.info("worker stopped")

@@ -42,6 +42,12 @@ class WorkerMetrics:
             ["operation", "outcome"],
             registry=self.registry,
         )
+        self.handler_stops = Counter(
+            "asyncproc_worker_handler_stops",
+            "Handler attempts ended by force, by kind: crash (its process died), timeout, memory",
+            ["operation", "kind"],
+            registry=self.registry,
+        )
         self.running = Gauge("asyncproc_worker_tasks_running", "Handlers running now", registry=self.registry)
         self._loops: list[LoopHealth] = []
         self.registry.register(_LoopCollector(self._loops))
@@ -59,6 +65,9 @@ class WorkerMetrics:
 
     def ran(self, operation: str, seconds: float, ok: bool) -> None:
         self.run_time.labels(operation, "ok" if ok else "error").observe(seconds)
+
+    def handler_stopped(self, operation: str, kind: str) -> None:
+        self.handler_stops.labels(operation, kind).inc()
 
     def finished(self, operation: str, outcome: str) -> None:
         self.outcomes.labels(operation, outcome).inc()

@@ -21,15 +21,18 @@ from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
-from asyncproc.operations import PermanentError, Registry, TaskContext
+from asyncproc.operations import Operation, PermanentError, Registry, TaskContext
 from asyncproc.service import encode_document
 from worker.metrics import WorkerMetrics
+from worker.pool import AttemptStopped, Call, HandlerError, ProcessPool
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 # Past this, an outcome that cannot be written is left to the stalled-task sweep.
 DB_OUTAGE_PATIENCE_SECONDS = 120.0
+# The longest pause between two looks for a worker that knows a task's operation.
+UNKNOWN_OPERATION_MAX_DELAY_SECONDS = 60.0
 
 
 class Runner:
@@ -40,6 +43,7 @@ class Runner:
         cache: AsyncResultCache,
         registry: Registry,
         executor: Executor,
+        processes: ProcessPool,
         metrics: WorkerMetrics | None = None,
     ):
         self.settings = settings
@@ -47,12 +51,13 @@ class Runner:
         self.cache = cache
         self.registry = registry
         self.executor = executor
+        self.processes = processes
         self.metrics = metrics or WorkerMetrics()
         # Handler threads still running. A cancelled task does not stop its
         # thread, so this is counted by the threads themselves.
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        self.metrics.running.set_function(lambda: self.in_flight)
+        self.metrics.running.set_function(lambda: self.in_flight + self.processes.running)
         # The asyncio tasks running a task now, for interrupt().
         self._runs: set[asyncio.Task] = set()
 
@@ -78,6 +83,12 @@ class Runner:
 
     async def _run_claimed(self, task: Task) -> None:
         await self.cache.invalidate(task.task_id)
+        operation = self.registry.find(task.operation)
+        if operation is None:
+            await self._wait_for_operation(task)
+            return
+        if task.attempts > 1:
+            await self._wait_for_earlier_attempt(task)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
         ctx = TaskContext(
             task_id=task.task_id,
@@ -89,7 +100,7 @@ class Runner:
         )
         self.metrics.started(task.operation, task.scheduled_at, task.started_at)
         try:
-            result = await self._execute_timed(task, ctx)
+            result = await self._execute_timed(task, operation, ctx)
         except asyncio.CancelledError:
             # A shutdown past its grace period, or a cancellation of the task.
             # A cancelled task is no longer running, so this release is a no-op;
@@ -104,6 +115,9 @@ class Runner:
             else:
                 log.info("task %s was cancelled while running", task.task_id)
             raise
+        except AttemptStopped as exc:
+            self.metrics.handler_stopped(task.operation, exc.kind)
+            await self._fail(task, str(exc), retry=True)
         except PermanentError as exc:
             await self._fail(task, _describe(exc), retry=False)
         except Exception as exc:
@@ -111,25 +125,60 @@ class Runner:
         else:
             await self._complete(task, result)
 
-    async def _execute_timed(self, task: Task, ctx: TaskContext) -> Any:
+    async def _execute_timed(self, task: Task, operation: Operation, ctx: TaskContext) -> Any:
         started = time.monotonic()
         try:
-            result = await self._execute(task, ctx)
+            result = await self._execute(task, operation, ctx)
         except BaseException:
             self.metrics.ran(task.operation, time.monotonic() - started, ok=False)
             raise
         self.metrics.ran(task.operation, time.monotonic() - started, ok=True)
         return result
 
-    async def _execute(self, task: Task, ctx: TaskContext) -> Any:
+    async def _execute(self, task: Task, operation: Operation, ctx: TaskContext) -> Any:
         # Rows inserted with psql never passed the API's check.
         handler = self.registry.check(task.operation, task.payload)
-        if inspect.iscoroutinefunction(handler):
-            return await handler(task.payload, ctx)
+        timeout = self.time_limit(task, operation)
+        if operation.isolation == "process":
+            memory_mb = operation.memory_mb if operation.memory_mb is not None else self.settings.handler_memory_mb
+            call = Call(
+                task.operation, task.payload, task.task_id, task.attempts, task.max_attempts,
+                task.request_id, ctx.compute_seconds, memory_mb,
+            )
+            return await self.processes.run(call, timeout, ctx.report_progress)
+        if operation.isolation == "thread":
+            return await self._in_thread(handler, task.payload, ctx, timeout)
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                return await handler(task.payload, ctx)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and was cancelled") from None
+
+    def time_limit(self, task: Task, operation: Operation) -> float | None:
+        """The task's own limit, else its operation's, else the worker's default; None for none."""
+        for limit in (task.timeout_seconds, operation.timeout_seconds, self.settings.handler_timeout_seconds):
+            if limit is not None:
+                return limit or None
+        return None
+
+    async def _in_thread(
+        self, handler: Callable[..., Any], payload: dict[str, Any], ctx: TaskContext, timeout: float | None
+    ) -> Any:
         with self._count_lock:
             self.in_flight += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._call_counted, handler, task.payload, ctx)
+        running = loop.run_in_executor(self.executor, self._call_counted, handler, payload, ctx)
+        done, _ = await asyncio.wait({running}, timeout=timeout)
+        if done:
+            return running.result()
+        # A thread cannot be killed: ask it to stop, and end the attempt only
+        # once it has, so that a retry never overlaps it.
+        ctx.stop_event.set()
+        await asyncio.wait({running})
+        raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and stopped on request")
 
     def _call_counted(self, handler: Callable[..., Any], payload: dict[str, Any], ctx: TaskContext) -> Any:
         # Counted in the thread itself: a cancelled run's thread may outlive its task.
@@ -142,7 +191,7 @@ class Runner:
     async def _complete(self, task: Task, result: Any) -> None:
         try:
             json.dumps(result, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             await self._fail(task, f"the handler's result cannot be stored as JSON: {exc}", retry=False)
             return
         try:
@@ -187,6 +236,45 @@ class Runner:
         for run in self._runs:
             run.cancel()
         return len(self._runs)
+
+    async def _wait_for_earlier_attempt(self, task: Task) -> None:
+        """Start a retry only once every earlier attempt of its task has ended, on any worker.
+
+        A cancelled attempt is stopped within a second, but an operator may
+        retry the task sooner. Its job stays 'doing' until its handler is dead.
+        """
+        delay = 0.02
+        while True:
+            async with self.pool.connection() as conn:
+                if await ledger.task_count_running_jobs(conn, task.task_id) <= 1:
+                    return
+            log.info("task %s: attempt %s waits for an earlier attempt to stop", task.task_id, task.attempts)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _wait_for_operation(self, task: Task) -> None:
+        """Put back a task whose operation this worker does not know, for a worker that does.
+
+        In a rolling deploy the API may know an operation before every worker
+        does. The task waits, without using up an attempt, for up to
+        ASYNCPROC_UNKNOWN_OPERATION_GRACE from its creation, looking again
+        after a pause that grows with its age.
+        """
+        grace = self.settings.unknown_operation_grace_seconds
+        age = (task.started_at - task.created_at).total_seconds()
+        if age >= grace:
+            error = (
+                f"unknown operation {task.operation!r}: no worker that knows it took the task within {grace:g}s"
+                f" (this worker knows {', '.join(self.registry.names())})"
+            )
+            await self._fail(task, error, retry=False)
+            return
+        delay = max(self.settings.retry_backoff_seconds, min(age / 2, UNKNOWN_OPERATION_MAX_DELAY_SECONDS, grace - age))
+        error = f"waiting for a worker that knows operation {task.operation!r}"
+        waiting = await self._write(ledger.task_release, task.task_id, task.attempts, error, delay)
+        if waiting is not None:
+            log.warning("task %s: operation %r unknown here; put back for %.1fs", task.task_id, task.operation, delay)
+            self.metrics.finished(task.operation, "unknown_operation")
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with +-20 % jitter, so that failed tasks spread out."""
@@ -245,5 +333,7 @@ class ProgressWriter:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    # An exception raised in a handler's process arrives as its type's name and text.
+    name = exc.type_name if isinstance(exc, HandlerError) else type(exc).__name__
+    message = f"{name}: {text}" if text else name
     return message[:MAX_ERROR_CHARS]

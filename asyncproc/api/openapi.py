@@ -9,7 +9,7 @@ from flask import Flask
 
 from asyncproc.api import validation
 from asyncproc.config import Settings
-from asyncproc.operations import Registry, registry
+from asyncproc.operations import MAX_TIMEOUT_SECONDS, Registry, registry
 
 JSON = "application/json"
 
@@ -79,6 +79,12 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                 },
                 "run_at": {"type": "string", "format": "date-time", "description": "not together with delay_seconds"},
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100, "description": "default 3"},
+                "timeout_seconds": {
+                    "type": ["number", "null"],
+                    "exclusiveMinimum": 0,
+                    "maximum": MAX_TIMEOUT_SECONDS,
+                    "description": "each attempt's time limit; default: the operation's, else the worker's",
+                },
             },
         },
         "Accepted": {

@@ -11,12 +11,14 @@ from typing import Any
 
 from asyncproc.errors import BatchTooLarge, InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
-from asyncproc.operations import InvalidInput, registry
+from asyncproc.operations import MAX_TIMEOUT_SECONDS, InvalidInput, registry
 
 DEFAULT_OPERATION = "compute"
 OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,255}$")
-TOP_LEVEL_FIELDS = frozenset({"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts"})
+TOP_LEVEL_FIELDS = frozenset(
+    {"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts", "timeout_seconds"}
+)
 MAX_DEPTH = 32
 PRIORITY_LIMIT = 1_000_000
 MAX_DELAY_SECONDS = 10 * 366 * 86400
@@ -68,6 +70,18 @@ def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int)
             f"{name} must be an integer from {low} to {high}", [{"field": name}]
         )
     return value
+
+
+def _timeout(body: dict[str, Any]) -> float | None:
+    value = body.get("timeout_seconds")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise InvalidRequest(
+            f"timeout_seconds must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS}",
+            [{"field": "timeout_seconds"}],
+        )
+    return float(value)
 
 
 def _run_at(body: dict[str, Any], now: datetime) -> datetime | None:
@@ -150,6 +164,7 @@ def new_task(
         max_attempts=_integer(body, "max_attempts", default_max_attempts, 1, 100),
         priority=_integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT),
         run_at=_run_at(body, datetime.now(timezone.utc)),
+        timeout_seconds=_timeout(body),
         idempotency_key=idempotency_key,
         request_id=request_id,
         owner=owner,

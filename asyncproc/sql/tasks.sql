@@ -2,9 +2,10 @@
 -- the "-- name:" lines; each query takes %(name)s parameters.
 
 -- name: task_insert
-INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id, owner)
+INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id, owner,
+                   timeout_seconds)
 VALUES (%(operation)s, %(payload)s, %(max_attempts)s, %(priority)s,
-        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s)
+        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s, %(timeout_seconds)s)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
@@ -55,6 +56,14 @@ FROM asyncproc_worker_release(%(task_id)s, %(attempt)s, %(reason)s, %(delay_seco
 SELECT requeued, failed, redeferred, dropped
 FROM asyncproc_sweep(%(stalled_seconds)s)
 
+-- name: task_count_running_jobs
+-- A task's dispatch jobs that claimed it and that a worker is still running:
+-- more than one means an earlier attempt (cancelled, then retried) is still
+-- being stopped. A job that claimed nothing runs nothing.
+SELECT count(*) AS running
+FROM procrastinate_jobs
+WHERE args->>'task_id' = %(task_id)s::text AND status = 'doing' AND jsonb_typeof(args->'claimed') = 'object'
+
 -- name: task_retry
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
@@ -77,9 +86,11 @@ SELECT asyncproc_worker_progress(%(task_id)s, %(attempt)s, %(progress)s, %(messa
 -- One statement for the whole batch, so the statement-level trigger defers
 -- every job in one call. The ids are chosen by the caller, which keeps the
 -- answer in request order without relying on RETURNING's row order.
-INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, request_id, owner)
-SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), %(request_id)s, t.owner
+INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, request_id, owner,
+                   timeout_seconds)
+SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), %(request_id)s, t.owner,
+       t.timeout_seconds
 FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
             %(max_attempts)s::integer[], %(priorities)s::integer[], %(run_ats)s::timestamptz[],
-            %(owners)s::bigint[])
-     AS t(task_id, operation, payload, max_attempts, priority, run_at, owner)
+            %(owners)s::bigint[], %(timeouts)s::double precision[])
+     AS t(task_id, operation, payload, max_attempts, priority, run_at, owner, timeout_seconds)

@@ -1,8 +1,10 @@
 """A user's handler module, loaded by the e2e worker via ASYNCPROC_OPERATIONS_MODULE."""
 
 import asyncio
+import ctypes
 import json
 import os
+import signal
 import time
 
 from asyncproc.operations import operation
@@ -40,24 +42,40 @@ def whoami(payload, ctx):
     started = time.time()
     time.sleep(float(payload.get("seconds", 0)))
     finished = time.time()
-    pid = os.getpid()
-    line = json.dumps({"task_id": str(ctx.task_id), "pid": pid, "started": started, "finished": finished}) + "\n"
-    path = os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{pid}.jsonl")
+    _append_run_event({"task_id": str(ctx.task_id), "pid": os.getpid(), "started": started, "finished": finished})
+    return {"pid": os.getpid()}
+
+
+def _append_line(path: str, record: dict) -> None:
+    """One os.write of one short line, which O_APPEND keeps whole among concurrent writers."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, (json.dumps(record) + "\n").encode())
     finally:
         os.close(fd)
-    return {"pid": pid}
 
 
 def _append_run_event(event: dict) -> None:
-    path = os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{os.getpid()}.jsonl")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (json.dumps(event) + "\n").encode())
-    finally:
-        os.close(fd)
+    _append_line(os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{os.getpid()}.jsonl"), event)
+
+
+def _record_run(ctx, **fields):
+    """Appends this run to ASYNCPROC_TEST_RUNS_DIR/<task id>.jsonl, with the pids of
+    earlier runs of the same task that are still alive (there must be none)."""
+    path = os.path.join(os.environ["ASYNCPROC_TEST_RUNS_DIR"], f"{ctx.task_id}.jsonl")
+    earlier = []
+    if os.path.exists(path):
+        with open(path) as runs:
+            earlier = [json.loads(line)["pid"] for line in runs]
+    alive = [pid for pid in earlier if _alive(pid)]
+    _append_line(path, {"pid": os.getpid(), "attempt": ctx.attempt, "earlier_alive": alive, **fields})
+
+
+def _ancestors() -> list[int]:
+    """This process's parent and grandparent: the worker, or its fork server and the worker."""
+    parent = os.getppid()
+    with open(f"/proc/{parent}/stat") as stat:
+        return [parent, int(stat.read().rpartition(")")[2].split()[1])]
 
 
 @operation("journal")
@@ -66,7 +84,7 @@ def journal(payload, ctx):
 
     Fails its first `fail_attempts` attempts, to exercise retries.
     """
-    base = {"task_id": str(ctx.task_id), "attempt": ctx.attempt, "pid": os.getpid(), "ppid": os.getppid()}
+    base = {"task_id": str(ctx.task_id), "attempt": ctx.attempt, "pid": os.getpid(), "ancestors": _ancestors()}
     _append_run_event({**base, "event": "start", "t": time.time()})
     try:
         time.sleep(float(payload.get("seconds", 0)))
@@ -75,3 +93,75 @@ def journal(payload, ctx):
         return {"attempt": ctx.attempt}
     finally:
         _append_run_event({**base, "event": "end", "t": time.time()})
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@operation("crash")
+def crash(payload, ctx):
+    """Takes its own process down on its first `times` attempts (default: every one), as `how` says."""
+    if ctx.attempt <= payload.get("times", 100):
+        how = payload["how"]
+        if how == "exit":
+            os._exit(3)
+        elif how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "segfault":
+            ctypes.string_at(0)
+    return {"survived_attempt": ctx.attempt}
+
+
+@operation("hang")
+def hang(payload, ctx):
+    """Ignores should_stop(): sleeps, or spins when `spin` is set, for `seconds`."""
+    _record_run(ctx)
+    seconds = float(payload.get("seconds", 60))
+    if payload.get("spin"):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+    else:
+        time.sleep(seconds)
+    return {"hung": seconds}
+
+
+@operation("hang_briefly", timeout_seconds=0.5)
+def hang_briefly(payload, ctx):
+    """Its operation's time limit is half a second; it sleeps for `seconds`."""
+    time.sleep(float(payload.get("seconds", 60)))
+    return {"slept": True}
+
+
+@operation("hog", memory_mb=64)
+def hog(payload, ctx):
+    """Allocates and touches `mb` megabytes; its operation allows 64."""
+    block = bytearray(int(payload["mb"]) * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])
+    return {"allocated_mb": payload["mb"]}
+
+
+@operation("hang_in_thread", isolation="thread")
+def hang_in_thread(payload, ctx):
+    """Runs in a worker thread; stops only when asked."""
+    ctx.stop_event.wait(float(payload.get("seconds", 60)))
+    return {"stopped": ctx.should_stop()}
+
+
+@operation("deep_result")
+def deep_result(payload, ctx):
+    """Returns a list nested `depth` levels deep, built without recursion."""
+    value = []
+    for _ in range(int(payload["depth"])):
+        value = [value]
+    return value
+
+
+@operation("big_number")
+def big_number(payload, ctx):
+    return {"n": 10 ** int(payload["digits"])}

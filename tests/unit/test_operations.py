@@ -102,7 +102,7 @@ def test_a_name_cannot_be_taken_twice():
 
 
 def test_backoff_doubles_from_the_base_and_is_capped():
-    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None)
+    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None, None)
     for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
         assert 0.8 * base <= runner.backoff(attempt) <= 1.2 * base
 

@@ -1,0 +1,435 @@
+"""A supervised pool of child processes that run sync handlers, one task per child at a time.
+
+Celery's prefork pool, in small: a handler that crashes its process (a
+segfault, os._exit, the OOM killer), hangs past its time limit, grows past its
+memory limit or ignores a cancellation costs its own attempt and its own child,
+never the worker. A dead or killed child is replaced on demand.
+
+Children are forked by a fork server (multiprocessing's "forkserver"), a
+single-threaded process that has imported the handlers once, so that a child
+starts in milliseconds and never inherits the worker's threads, locks or
+database connections. Each child talks to the worker over a socket pair:
+length-prefixed pickles, progress reports on the way back, and a shared event
+for the cooperative stop that ctx.should_stop() reads.
+
+A child never outlives its worker: it asks the kernel for SIGKILL when its
+parent, the fork server, exits, and the fork server exits with the worker. A
+stop kills and reaps the child before run() returns, so the outcome the runner
+writes next (a retry included) never overlaps a still-running attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import logging
+import multiprocessing
+import os
+import pickle
+import resource
+import signal
+import socket
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from asyncproc.config import SecondsRange
+from asyncproc.operations import PermanentError, TaskContext, load_user_module, registry
+
+log = logging.getLogger(__name__)
+
+# The cooperative part of a stop: a handler that checks ctx.should_stop() has
+# this long to return before it is killed; a cancel must stop it within 1 s.
+STOP_GRACE_SECONDS = 0.5
+_HEADER = struct.Struct("!Q")
+_PR_SET_PDEATHSIG = 1
+
+
+class AttemptStopped(Exception):
+    """A handler's attempt ended by force: `kind` is crash, timeout or memory."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class HandlerError(Exception):
+    """An exception a handler raised in its child, carried back by type name and text."""
+
+    def __init__(self, type_name: str, message: str):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class PermanentHandlerError(HandlerError, PermanentError):
+    """A PermanentError raised in a child: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a child needs to run one attempt."""
+
+    operation: str
+    payload: dict[str, Any]
+    task_id: Any
+    attempt: int
+    max_attempts: int
+    request_id: str | None
+    compute_seconds: SecondsRange
+    memory_mb: int | None
+
+
+# -- the child's side ---------------------------------------------------------
+
+
+class _Channel:
+    """Length-prefixed messages over a blocking socket (the child's end)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self._lock:
+            self._sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def receive(self) -> bytes:
+        (size,) = _HEADER.unpack(self._exactly(_HEADER.size))
+        return self._exactly(size)
+
+    def _exactly(self, size: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < size:
+            chunk = self._sock.recv(min(size - len(chunks), 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks += chunk
+        return bytes(chunks)
+
+
+def _die_with_parent() -> None:
+    # The parent is the fork server, which exits as soon as the worker does.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _child_main(sock: socket.socket, stop_event: Any, operations_module: str | None) -> None:
+    _die_with_parent()
+    # The worker decides when its handlers stop: a Ctrl-C or a SIGTERM sent to
+    # the whole process group must not cut them short before the grace period.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    load_user_module(operations_module)
+    channel = _Channel(sock)
+    while True:
+        try:
+            request = channel.receive()
+        except (EOFError, OSError):
+            return
+        answer, retire = _run_one(request, channel, stop_event)
+        try:
+            data = pickle.dumps(answer)
+        except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError) as exc:
+            data = pickle.dumps(("error", "ResultNotTransferable", f"the handler's result cannot be sent back to the worker: {exc}", True))
+        channel.send(data)
+        if retire:
+            return
+
+
+def _run_one(request: bytes, channel: _Channel, stop_event: Any) -> tuple[tuple, bool]:
+    """(answer, retire): retire when the child's state can no longer be trusted."""
+    try:
+        call: Call = pickle.loads(request)
+    except Exception as exc:
+        return ("error", "PayloadNotTransferable", f"the payload cannot be passed to the handler: {exc}", True), False
+
+    def report(percent: int, message: str | None) -> None:
+        channel.send(pickle.dumps(("progress", percent, message)))
+
+    ctx = TaskContext(
+        task_id=call.task_id,
+        attempt=call.attempt,
+        max_attempts=call.max_attempts,
+        request_id=call.request_id,
+        compute_seconds=call.compute_seconds,
+        progress_sink=report,
+        stop_event=stop_event,
+    )
+    handler = registry.get(call.operation)
+    if handler is None:
+        return ("error", "UnknownOperation", f"operation {call.operation!r} is unknown in the handler process", True), False
+    limit = _limit_memory(call.memory_mb)
+    try:
+        if inspect.iscoroutinefunction(handler):
+            result = asyncio.run(handler(call.payload, ctx))
+        else:
+            result = handler(call.payload, ctx)
+    except MemoryError:
+        _restore_memory(limit)
+        return ("memory", f"the handler went past its memory limit of {call.memory_mb} MB"
+                if call.memory_mb else "the handler ran out of memory"), True
+    except BaseException as exc:  # noqa: BLE001 - a handler's sys.exit() fails its attempt, not the child
+        _restore_memory(limit)
+        return ("error", type(exc).__name__, str(exc), isinstance(exc, PermanentError)), False
+    _restore_memory(limit)
+    return ("done", result), False
+
+
+def _limit_memory(memory_mb: int | None) -> tuple[int, int] | None:
+    """Cap the address space at what the child uses now plus memory_mb; the old limit."""
+    if memory_mb is None:
+        return None
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        in_use = int(statm.read().split()[0]) * resource.getpagesize()
+    cap = in_use + memory_mb * 1024 * 1024
+    if old[1] != resource.RLIM_INFINITY:
+        cap = min(cap, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+    return old
+
+
+def _restore_memory(old: tuple[int, int] | None) -> None:
+    if old is not None:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+# -- the worker's side --------------------------------------------------------
+
+
+class _Child:
+    def __init__(self, process: multiprocessing.process.BaseProcess, sock: socket.socket, stop_event: Any):
+        self.process = process
+        self.stop_event = stop_event
+        self.sock = sock
+        self.messages: asyncio.Queue[tuple | None] = asyncio.Queue()
+        self.alive = True
+        # Why the child's messages stopped other than by its death, if they did.
+        self.failure: str | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pump: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+        self._pump = asyncio.create_task(self._read_all(), name=f"handler-process-{self.process.pid}")
+
+    async def _read_all(self) -> None:
+        # One reader per child, so that a wait cut short by a time limit or a
+        # cancel never leaves half a message in the stream.
+        assert self._reader is not None
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+                self.messages.put_nowait(pickle.loads(await self._reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception as exc:  # an answer that cannot be unpickled here
+            self.failure = f"the handler's result cannot be read by the worker: {exc}"
+        self.alive = False
+        self.messages.put_nowait(None)
+
+    async def send(self, data: bytes) -> None:
+        assert self._writer is not None
+        self._writer.write(_HEADER.pack(len(data)) + data)
+        await self._writer.drain()
+
+    async def answer(self, on_progress: Callable[[int, str | None], None]) -> tuple | None:
+        """The child's answer to the current call, or None when it died."""
+        while True:
+            message = await self.messages.get()
+            if message is None:
+                self.messages.put_nowait(None)
+                return None
+            if message[0] != "progress":
+                return message
+            on_progress(message[1], message[2])
+
+    def kill(self) -> None:
+        self.alive = False
+        if self.process.exitcode is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def reap(self) -> int | None:
+        """Wait until the child is dead and reaped; its exit code."""
+        if self.process.exitcode is not None:
+            self.close()
+            return self.process.exitcode
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        sentinel = self.process.sentinel
+        loop.add_reader(sentinel, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(sentinel)
+        self.process.join()
+        self.close()
+        return self.process.exitcode
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._pump is not None:
+            self._pump.cancel()
+
+
+class ProcessPool:
+    """Children that run one call each at a time; at most `size` are kept idle."""
+
+    def __init__(self, operations_module: str | None, size: int):
+        self._operations_module = operations_module
+        self._size = size
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["worker.pool"] + ([operations_module] if operations_module else []))
+        self._idle: list[_Child] = []
+        self._busy: set[_Child] = set()
+        # Process.start() blocks (it talks to the fork server); one thread keeps
+        # it off the event loop and serialises multiprocessing's bookkeeping.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler-process-starter")
+
+    @property
+    def running(self) -> int:
+        return len(self._busy)
+
+    async def open(self) -> None:
+        """Start the fork server now, so that the first task does not wait for it."""
+        from multiprocessing import forkserver
+
+        await asyncio.get_running_loop().run_in_executor(self._starter, forkserver.ensure_running)
+
+    async def run(
+        self,
+        call: Call,
+        timeout: float | None,
+        on_progress: Callable[[int, str | None], None],
+    ) -> Any:
+        """Run one call in a child; its result, or the handler's exception, or AttemptStopped."""
+        try:
+            request = pickle.dumps(call)
+        except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError) as exc:
+            raise PermanentHandlerError(
+                "PayloadNotTransferable", f"the payload cannot be passed to the handler's process: {exc}"
+            ) from None
+        child = await self._take()
+        self._busy.add(child)
+        try:
+            return await self._run_in(child, call, request, timeout, on_progress)
+        finally:
+            self._busy.discard(child)
+            if child.alive and len(self._idle) < self._size:
+                self._idle.append(child)
+            elif child.alive:
+                child.kill()
+                await child.reap()
+
+    async def _run_in(
+        self, child: _Child, call: Call, request: bytes, timeout: float | None, on_progress: Callable
+    ) -> Any:
+        child.stop_event.clear()
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                await child.send(request)
+                answer = await child.answer(on_progress)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            await self._stop(child, on_progress)
+            raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and was stopped") from None
+        except asyncio.CancelledError:
+            # A cancel of the task, or a shutdown past its grace period.
+            await self._stop(child, on_progress)
+            raise
+        except (ConnectionError, OSError):
+            answer = None
+        if answer is None:
+            if child.failure is not None:
+                child.kill()
+                await child.reap()
+                raise PermanentHandlerError("ResultNotTransferable", child.failure)
+            code = await child.reap()
+            raise AttemptStopped("crash", f"the handler's process died: {_exit_reason(code)}")
+        kind = answer[0]
+        if kind == "done":
+            return answer[1]
+        if kind == "memory":
+            child.kill()
+            await child.reap()
+            raise AttemptStopped("memory", answer[1])
+        _, type_name, message, permanent = answer
+        error = PermanentHandlerError if permanent else HandlerError
+        raise error(type_name, message)
+
+    async def _stop(self, child: _Child, on_progress: Callable) -> None:
+        """Ask the handler to stop, then kill its child; returns once it is reaped or idle again."""
+        child.stop_event.set()
+        stopped = False
+        try:
+            async with asyncio.timeout(STOP_GRACE_SECONDS):
+                answer = await child.answer(on_progress)
+                # After a memory answer the child exits by itself.
+                stopped = answer is not None and answer[0] != "memory"
+        except TimeoutError:
+            pass
+        finally:
+            if not stopped:
+                child.kill()
+                try:
+                    await child.reap()
+                except asyncio.CancelledError:
+                    # Cancelled again while reaping: the SIGKILL is already sent.
+                    child.process.join(1)
+                    raise
+
+    async def _take(self) -> _Child:
+        while self._idle:
+            child = self._idle.pop()
+            if child.alive:
+                return child
+            await child.reap()
+        return await self._start()
+
+    async def _start(self) -> _Child:
+        ours, theirs = socket.socketpair()
+        stop_event = self._context.Event()
+        process = self._context.Process(
+            target=_child_main,
+            args=(theirs, stop_event, self._operations_module),
+            name="asyncproc-handler",
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._starter, process.start)
+        finally:
+            theirs.close()
+        child = _Child(process, ours, stop_event)
+        await child.open()
+        return child
+
+    async def close(self) -> None:
+        """Stop every child: the idle ones now; busy ones were stopped by their runs."""
+        children = self._idle + list(self._busy)
+        self._idle = []
+        for child in children:
+            child.kill()
+        for child in children:
+            await child.reap()
+        self._starter.shutdown(wait=True)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with code {code}"
