@@ -38,7 +38,8 @@ class WorkerMetrics:
         )
         self.outcomes = Counter(
             "asyncproc_worker_tasks",
-            "Task runs this worker finished, by outcome: completed, failed, retried, interrupted",
+            "Task runs this worker finished, by outcome: completed, failed, retried, interrupted,"
+            " unknown_operation (put back for a worker that knows it)",
             ["operation", "outcome"],
             registry=self.registry,
         )

@@ -24,6 +24,7 @@ import asyncio
 import ctypes
 import inspect
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -31,7 +32,9 @@ import resource
 import signal
 import socket
 import struct
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,6 +83,9 @@ class Call:
     request_id: str | None
     compute_seconds: SecondsRange
     memory_mb: int | None
+    # The worker writes one progress report per interval at most; the child
+    # sends no more than that over the socket.
+    progress_interval_seconds: float = 0.0
 
 
 # -- the child's side ---------------------------------------------------------
@@ -148,8 +154,14 @@ def _run_one(request: bytes, channel: _Channel, stop_event: Any) -> tuple[tuple,
     except Exception as exc:
         return ("error", "PayloadNotTransferable", f"the payload cannot be passed to the handler: {exc}", True), False
 
+    last_sent = -math.inf
+
     def report(percent: int, message: str | None) -> None:
-        channel.send(pickle.dumps(("progress", percent, message)))
+        nonlocal last_sent
+        now = time.monotonic()
+        if now - last_sent >= call.progress_interval_seconds:
+            last_sent = now
+            channel.send(pickle.dumps(("progress", percent, message)))
 
     ctx = TaskContext(
         task_id=call.task_id,
@@ -289,7 +301,7 @@ class ProcessPool:
         self._operations_module = operations_module
         self._size = size
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["worker.pool"] + ([operations_module] if operations_module else []))
+        self._context.set_forkserver_preload(_preload(operations_module))
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
         # Process.start() blocks (it talks to the fork server); one thread keeps
@@ -423,6 +435,22 @@ class ProcessPool:
         for child in children:
             await child.reap()
         self._starter.shutdown(wait=True)
+
+
+def _preload(operations_module: str | None) -> list[str]:
+    """What the fork server imports once, so that each child starts with it.
+
+    A child also re-runs the worker's main module (`python -m asyncproc.cli`),
+    as every multiprocessing child does; preloaded, its imports cost the child
+    nothing.
+    """
+    modules = ["worker.pool"]
+    if operations_module:
+        modules.append(operations_module)
+    main_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if main_name:
+        modules.append(main_name)
+    return modules
 
 
 def _exit_reason(code: int | None) -> str:

@@ -143,7 +143,7 @@ class Runner:
             memory_mb = operation.memory_mb if operation.memory_mb is not None else self.settings.handler_memory_mb
             call = Call(
                 task.operation, task.payload, task.task_id, task.attempts, task.max_attempts,
-                task.request_id, ctx.compute_seconds, memory_mb,
+                task.request_id, ctx.compute_seconds, memory_mb, self.settings.progress_interval_seconds,
             )
             return await self.processes.run(call, timeout, ctx.report_progress)
         if operation.isolation == "thread":
@@ -242,12 +242,18 @@ class Runner:
 
         A cancelled attempt is stopped within a second, but an operator may
         retry the task sooner. Its job stays 'doing' until its handler is dead.
+        A job still 'doing' long after that belongs to a worker that lost
+        track of it (its finish was never recorded), and is waited out no longer.
         """
+        deadline = time.monotonic() + max(60.0, 2 * self.settings.stalled_seconds)
         delay = 0.02
         while True:
             async with self.pool.connection() as conn:
                 if await ledger.task_count_running_jobs(conn, task.task_id) <= 1:
                     return
+            if time.monotonic() > deadline:
+                log.warning("task %s: an earlier attempt's job is still marked running; starting anyway", task.task_id)
+                return
             log.info("task %s: attempt %s waits for an earlier attempt to stop", task.task_id, task.attempts)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)

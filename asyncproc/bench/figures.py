@@ -171,10 +171,10 @@ def _drain_rate(h: Harness, committed: float, left_sql: str, end_sql: str, tasks
     return tasks / (ended - committed)
 
 
-def worker_rate(h: Harness, tasks: int) -> float:
+def worker_rate(h: Harness, tasks: int, operation: str = "bench.noop") -> float:
     """No-op tasks through the whole ledger path, queued in one commit, per second."""
     h.conn.execute(
-        "INSERT INTO tasks (operation, payload) SELECT 'bench.noop', '{}' FROM generate_series(1, %s)", (tasks,)
+        "INSERT INTO tasks (operation, payload) SELECT %s, '{}' FROM generate_series(1, %s)", (operation, tasks)
     )
     committed = time.time()
     return _drain_rate(

@@ -12,6 +12,17 @@ async def noop(payload, ctx):
     return None
 
 
+@operation("bench.sync_noop")
+def sync_noop(payload, ctx):
+    # The default for a sync handler: a child process of the worker.
+    return None
+
+
+@operation("bench.thread_noop", isolation="thread")
+def thread_noop(payload, ctx):
+    return None
+
+
 @operation("bench.stamp")
 async def stamp(payload, ctx):
     # The wall-clock moment the handler started, for the dispatch latency.

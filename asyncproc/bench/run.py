@@ -184,7 +184,23 @@ class Bench:
             self.rows.append(Row(f"5 worker throughput, {count} process{'es' if count > 1 else ''}",
                                  f"{ours:,.0f} tasks/s ({ratio:.2f}× plain)",
                                  f"plain Procrastinate {plain:,.0f} jobs/s", target, verdict))
+        self._isolation_cost()
         return found
+
+    def _isolation_cost(self) -> None:
+        """What running a sync handler in a child process costs per task, against a thread."""
+        workers = self.h.start_workers(1)
+        pooled, threaded = [], []
+        try:
+            for _ in range(self.plan.runs):
+                pooled.append(self._drain_once("bench.sync_noop"))
+                threaded.append(self._drain_once("bench.thread_noop"))
+        finally:
+            self.h.stop(workers)
+        process, thread = statistics.median(pooled), statistics.median(threaded)
+        self.rows.append(Row("5 sync handler, process pool (the default), 1 process",
+                             f"{process:,.0f} tasks/s; {_ms(1 / process - 1 / thread)} per task over a thread",
+                             f"isolation=\"thread\" {thread:,.0f} tasks/s", "", ""))
 
     def _worker_rates(self, count: int) -> tuple[float, float, float]:
         """Ours and plain Procrastinate with `count` processes each, runs alternating.
@@ -206,8 +222,8 @@ class Bench:
         ratio = statistics.median(o / p for o, p in zip(ours, plain))
         return statistics.median(ours), statistics.median(plain), ratio
 
-    def _drain_once(self) -> float:
-        rate = figures.worker_rate(self.h, self.plan.worker_tasks)
+    def _drain_once(self, operation: str = "bench.noop") -> float:
+        rate = figures.worker_rate(self.h, self.plan.worker_tasks, operation)
         self.h.reset()
         return rate
 

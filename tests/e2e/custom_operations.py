@@ -32,7 +32,7 @@ def steps(payload, ctx):
     return {"steps": count}
 
 
-@operation("whoami")
+@operation("whoami", isolation="thread")  # records the worker's own pid
 def whoami(payload, ctx):
     """Records each run (task, worker pid, start, end) so a test can see who ran what and when.
 

@@ -18,6 +18,7 @@ FIGURES = [
     "| 4 dispatch",
     "| 5 worker throughput, 1 process",
     "| 5 worker throughput, 2 processes",
+    "| 5 sync handler, process pool (the default), 1 process",
     "| 6 result",
     "| 7 GET /results, cache hit",
     "| 7 GET /results, cache miss",

@@ -58,6 +58,11 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_WORKER_METRICS_PORT", "0"),
         ("ASYNCPROC_WORKER_METRICS_PORT", "http"),
         ("ASYNCPROC_COMPAT", "fastapi"),
+        ("ASYNCPROC_HANDLER_TIMEOUT_SECONDS", "-1"),
+        ("ASYNCPROC_HANDLER_TIMEOUT_SECONDS", "a while"),
+        ("ASYNCPROC_HANDLER_MEMORY_MB", "8"),
+        ("ASYNCPROC_HANDLER_MEMORY_MB", "1.5"),
+        ("ASYNCPROC_UNKNOWN_OPERATION_GRACE", "-5"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
@@ -148,3 +153,18 @@ def test_database_timeouts_are_read_and_reach_the_connections():
 def test_bad_database_timeouts_are_named(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_handler_limits_and_the_unknown_operation_grace_are_read():
+    settings = Settings.from_env(
+        {
+            "ASYNCPROC_HANDLER_TIMEOUT_SECONDS": "30",
+            "ASYNCPROC_HANDLER_MEMORY_MB": "512",
+            "ASYNCPROC_UNKNOWN_OPERATION_GRACE": "60",
+        }
+    )
+    assert (settings.handler_timeout_seconds, settings.handler_memory_mb) == (30, 512)
+    assert settings.unknown_operation_grace_seconds == 60
+    default = Settings.from_env({})
+    assert (default.handler_timeout_seconds, default.handler_memory_mb) == (600, None)
+    assert default.unknown_operation_grace_seconds == 900

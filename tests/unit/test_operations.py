@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 
 from asyncproc.config import SecondsRange, Settings
-from asyncproc.operations import InvalidInput, PermanentError, Registry, Stopped, TaskContext, registry
+from asyncproc.ledger import Task
+from asyncproc.operations import InvalidInput, Operation, PermanentError, Registry, Stopped, TaskContext, registry
 from worker.runner import Runner
 
 
@@ -128,3 +130,72 @@ def test_sleep_and_compute_stop_when_asked():
         registry.get("sleep")({"seconds": 60}, context)
     with pytest.raises(Stopped):
         registry.get("compute")({}, context)
+
+
+def test_sync_handlers_run_in_a_process_unless_they_opt_into_a_thread():
+    local = Registry()
+
+    @local.register("in_process", timeout_seconds=5, memory_mb=128)
+    def in_process(payload, ctx):
+        return 1
+
+    @local.register("in_thread", isolation="thread")
+    def in_thread(payload, ctx):
+        return 1
+
+    @local.register("on_loop")
+    async def on_loop(payload, ctx):
+        return 1
+
+    found = {name: local.find(name) for name in local.names()}
+    assert {name: op.isolation for name, op in found.items()} == {
+        "in_process": "process", "in_thread": "thread", "on_loop": None
+    }
+    assert (found["in_process"].timeout_seconds, found["in_process"].memory_mb) == (5, 128)
+    assert local.find("unknown") is None
+
+
+@pytest.mark.parametrize(
+    "options,asynchronous,problem",
+    [
+        ({"isolation": "fork"}, False, "isolation must be one of"),
+        ({"timeout_seconds": 0}, False, "timeout_seconds must be"),
+        ({"memory_mb": 1}, False, "memory_mb must be"),
+        ({"memory_mb": 64, "isolation": "thread"}, False, "memory_mb needs isolation='process'"),
+        ({"memory_mb": 64}, True, "memory_mb needs isolation='process'"),
+        ({"isolation": "thread"}, True, "an async handler runs on the event loop"),
+    ],
+)
+def test_impossible_isolation_options_are_refused_at_registration(options, asynchronous, problem):
+    async def async_handler(payload, ctx):
+        return 1
+
+    def sync_handler(payload, ctx):
+        return 1
+
+    with pytest.raises(ValueError, match=problem):
+        Registry().register("x", **options)(async_handler if asynchronous else sync_handler)
+
+
+def _task(timeout_seconds):
+    now = datetime.now(timezone.utc)
+    return Task(uuid.uuid4(), "x", {}, "running", None, None, 1, 3, 0, None, None, now, now, now, None, now,
+                None, None, timeout_seconds=timeout_seconds)
+
+
+@pytest.mark.parametrize(
+    "task_limit,operation_limit,default,expected",
+    [
+        (2.0, 5.0, 600, 2.0),
+        (None, 5.0, 600, 5.0),
+        (None, None, 600, 600),
+        (None, None, 0, None),
+        (30.0, None, 0, 30.0),
+    ],
+)
+def test_a_tasks_time_limit_comes_from_the_task_then_its_operation_then_the_default(
+    task_limit, operation_limit, default, expected
+):
+    runner = Runner(Settings(handler_timeout_seconds=default), None, None, registry, None, None)
+    operation = Operation("x", lambda payload, ctx: None, timeout_seconds=operation_limit)
+    assert runner.time_limit(_task(task_limit), operation) == expected
