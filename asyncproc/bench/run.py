@@ -192,6 +192,9 @@ class Bench:
         workers = self.h.start_workers(1)
         pooled, threaded = [], []
         try:
+            # Children start on first use: a warm pool is what a running worker has.
+            figures.worker_rate(self.h, 5 * self.settings.worker_concurrency, "bench.sync_noop")
+            self.h.reset()
             for _ in range(self.plan.runs):
                 pooled.append(self._drain_once("bench.sync_noop"))
                 threaded.append(self._drain_once("bench.thread_noop"))
