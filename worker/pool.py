@@ -35,6 +35,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -118,6 +119,8 @@ class _Channel:
 
 def _die_with_parent() -> None:
     # The parent is the fork server, which exits as soon as the worker does.
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
@@ -140,8 +143,9 @@ def _child_main(sock: socket.socket, stop_event: Any, operations_module: str | N
         answer, retire = _run_one(request, channel, stop_event)
         try:
             data = pickle.dumps(answer)
-        except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError) as exc:
-            data = pickle.dumps(("error", "ResultNotTransferable", f"the handler's result cannot be sent back to the worker: {exc}", True))
+        except Exception as exc:  # pickling runs the result's own code, which may raise anything
+            problem = f"the handler's result cannot be sent back to the worker: {type(exc).__name__}: {exc}"
+            data = pickle.dumps(("error", "ResultNotTransferable", problem, True))
         channel.send(data)
         if retire:
             return
@@ -151,7 +155,7 @@ def _run_one(request: bytes, channel: _Channel, stop_event: Any) -> tuple[tuple,
     """(answer, retire): retire when the child's state can no longer be trusted."""
     try:
         call: Call = pickle.loads(request)
-    except Exception as exc:
+    except (pickle.UnpicklingError, RecursionError, ValueError) as exc:  # nesting deeper than here
         return ("error", "PayloadNotTransferable", f"the payload cannot be passed to the handler: {exc}", True), False
 
     last_sent = -math.inf
@@ -175,20 +179,21 @@ def _run_one(request: bytes, channel: _Channel, stop_event: Any) -> tuple[tuple,
     handler = registry.get(call.operation)
     if handler is None:
         return ("error", "UnknownOperation", f"operation {call.operation!r} is unknown in the handler process", True), False
-    limit = _limit_memory(call.memory_mb)
     try:
-        if inspect.iscoroutinefunction(handler):
-            result = asyncio.run(handler(call.payload, ctx))
-        else:
-            result = handler(call.payload, ctx)
+        limit = _limit_memory(call.memory_mb)
+        try:
+            if inspect.iscoroutinefunction(handler):
+                result = asyncio.run(handler(call.payload, ctx))
+            else:
+                result = handler(call.payload, ctx)
+        finally:
+            _restore_memory(limit)
     except MemoryError:
-        _restore_memory(limit)
-        return ("memory", f"the handler went past its memory limit of {call.memory_mb} MB"
-                if call.memory_mb else "the handler ran out of memory"), True
-    except BaseException as exc:  # noqa: BLE001 - a handler's sys.exit() fails its attempt, not the child
-        _restore_memory(limit)
+        if call.memory_mb is None:
+            return ("memory", "the handler ran out of memory"), True
+        return ("memory", f"the handler went past its memory limit of {call.memory_mb} MB"), True
+    except BaseException as exc:  # a handler's sys.exit() fails its attempt, not the child
         return ("error", type(exc).__name__, str(exc), isinstance(exc, PermanentError)), False
-    _restore_memory(limit)
     return ("done", result), False
 
 
@@ -327,7 +332,7 @@ class ProcessPool:
         """Run one call in a child; its result, or the handler's exception, or AttemptStopped."""
         try:
             request = pickle.dumps(call)
-        except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError) as exc:
+        except (pickle.PicklingError, RecursionError, TypeError, ValueError) as exc:  # deep nesting: RecursionError
             raise PermanentHandlerError(
                 "PayloadNotTransferable", f"the payload cannot be passed to the handler's process: {exc}"
             ) from None
@@ -441,15 +446,19 @@ def _preload(operations_module: str | None) -> list[str]:
     """What the fork server imports once, so that each child starts with it.
 
     A child also re-runs the worker's main module (`python -m asyncproc.cli`),
-    as every multiprocessing child does; preloaded, its imports cost the child
-    nothing.
+    as every multiprocessing child does; with the modules it imports preloaded,
+    that costs the child nothing. (Preloading the main module itself would make
+    runpy warn in every child that it is already imported.)
     """
     modules = ["worker.pool"]
     if operations_module:
         modules.append(operations_module)
-    main_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    if main_name:
-        modules.append(main_name)
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        for value in vars(main).values():
+            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name != "__main__" and name not in modules:
+                modules.append(name)
     return modules
 
 
