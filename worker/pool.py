@@ -38,6 +38,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from typing import Any, Callable
 
 from asyncproc.config import SecondsRange
@@ -118,7 +119,16 @@ class _Channel:
 
 
 def _die_with_parent() -> None:
-    # The parent is the fork server, which exits as soon as the worker does.
+    """Be killed when the fork server, this child's parent, exits: it exits with the worker.
+
+    The fork server exits when the last holder of its "alive" pipe closes it.
+    Every child inherits a copy, which would keep the fork server, and so this
+    child, alive after the worker's death: the child closes its copy.
+    """
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -319,8 +329,6 @@ class ProcessPool:
 
     async def open(self) -> None:
         """Start the fork server now, so that the first task does not wait for it."""
-        from multiprocessing import forkserver
-
         await asyncio.get_running_loop().run_in_executor(self._starter, forkserver.ensure_running)
 
     async def run(

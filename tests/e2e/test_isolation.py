@@ -214,7 +214,7 @@ def test_the_worker_counts_crashes_time_outs_and_memory_kills(isolated):
     assert count("hog", "memory") == 1
 
 
-def test_shutdown_waits_for_handlers_then_stops_them_and_requeues_their_tasks(isolated, runs_dir, database_url, tmp_path):
+def test_shutdown_waits_for_handlers_then_stops_them_and_a_killed_worker_takes_them_along(isolated, runs_dir, database_url, tmp_path):
     grace = 1
     env = {**isolated.env, "ASYNCPROC_SHUTDOWN_GRACE_SECONDS": str(grace)}
     env.pop("ASYNCPROC_WORKER_METRICS_PORT")
@@ -238,6 +238,15 @@ def test_shutdown_waits_for_handlers_then_stops_them_and_requeues_their_tasks(is
     assert (body["status"], body["attempts"], body["error_message"]) == ("pending", 1, "interrupted by worker shutdown")
 
     del isolated.processes[1:]
+
+    # A worker killed outright takes its handlers with it: nothing of the
+    # attempt runs on while the task waits to be re-queued elsewhere.
+    worker = _start(["worker", "--concurrency", "2"], env, tmp_path / "killed-worker.log")
+    pid = started(runs_dir, long, 2)[1]["pid"]
+    worker.kill()
+    assert worker.wait(10) == -signal.SIGKILL
+    wait_for(lambda: not alive(pid), 5, "the killed worker's handler process to die")
+
     # Not left for the workers of later test modules.
     with db.connect(database_url) as conn:
         conn.execute("SELECT asyncproc_cancel(%s)", (long,))
