@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
-import logging
 import math
 import multiprocessing
 import os
@@ -43,8 +42,6 @@ from typing import Any, Callable
 
 from asyncproc.config import SecondsRange
 from asyncproc.operations import PermanentError, TaskContext, load_user_module, registry
-
-log = logging.getLogger(__name__)
 
 # The cooperative part of a stop: a handler that checks ctx.should_stop() has
 # this long to return before it is killed; a cancel must stop it within 1 s.

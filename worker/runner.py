@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import math
@@ -254,7 +253,8 @@ class Runner:
             if time.monotonic() > deadline:
                 log.warning("task %s: an earlier attempt's job is still marked running; starting anyway", task.task_id)
                 return
-            log.info("task %s: attempt %s waits for an earlier attempt to stop", task.task_id, task.attempts)
+            if delay == 0.02:
+                log.info("task %s: attempt %s waits for an earlier attempt to stop", task.task_id, task.attempts)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
