@@ -165,3 +165,15 @@ def deep_result(payload, ctx):
 @operation("big_number")
 def big_number(payload, ctx):
     return {"n": 10 ** int(payload["digits"])}
+
+
+@operation("hog_default")
+def hog_default(payload, ctx):
+    """Allocates `mb` megabytes under the worker's ASYNCPROC_HANDLER_MEMORY_MB."""
+    return hog(payload, ctx)
+
+
+@operation("async_hang")
+async def async_hang(payload, ctx):
+    await asyncio.sleep(float(payload.get("seconds", 60)))
+    return {"hung": True}

@@ -26,7 +26,11 @@ def runs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory, database_url, redis_url, runs_dir):
     metrics_port = free_port()
-    extra = {"ASYNCPROC_TEST_RUNS_DIR": str(runs_dir), "ASYNCPROC_WORKER_METRICS_PORT": str(metrics_port)}
+    extra = {
+        "ASYNCPROC_TEST_RUNS_DIR": str(runs_dir),
+        "ASYNCPROC_WORKER_METRICS_PORT": str(metrics_port),
+        "ASYNCPROC_HANDLER_MEMORY_MB": "256",
+    }
     logs = tmp_path_factory.mktemp("isolation")
     service, processes = start_service(logs, database_url, redis_url, concurrency=CONCURRENCY, extra_env=extra)
     service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -126,6 +130,22 @@ def test_a_handler_past_its_memory_limit_fails_its_attempt_and_the_worker_lives(
     assert (body["status"], body["error_message"]) == ("failed", "the handler went past its memory limit of 64 MB")
     assert isolated.wait_finished(modest)["result"] == {"allocated_mb": 8}
     assert isolated.processes[1].poll() is None
+
+
+def test_the_workers_default_memory_limit_applies_where_the_operation_sets_none(isolated):
+    over = isolated.submit({"operation": "hog_default", "data": {"mb": 512}, "max_attempts": 1})
+    under = isolated.submit({"operation": "hog_default", "data": {"mb": 128}})
+    body = isolated.wait_finished(over)
+    assert (body["status"], body["error_message"]) == ("failed", "the handler went past its memory limit of 256 MB")
+    assert isolated.wait_finished(under)["result"] == {"allocated_mb": 128}
+
+
+def test_an_async_handler_past_its_time_limit_is_cancelled(isolated):
+    task_id = isolated.submit({"operation": "async_hang", "timeout_seconds": 0.3, "max_attempts": 1})
+    body = isolated.wait_finished(task_id, timeout=10)
+    assert (body["status"], body["error_message"]) == (
+        "failed", "the handler hit its time limit of 0.3s and was cancelled"
+    )
 
 
 def test_a_result_the_worker_cannot_take_back_fails_the_task_not_the_worker(isolated):
