@@ -378,6 +378,9 @@ class ProcessPool:
                 child.kill()
                 await child.reap()
                 raise PermanentHandlerError("ResultNotTransferable", child.failure)
+            # Its socket closed: it is dead or dying, unless the handler closed
+            # the socket itself; either way it is not to be waited for.
+            child.kill()
             code = await child.reap()
             raise AttemptStopped("crash", f"the handler's process died: {_exit_reason(code)}")
         kind = answer[0]
