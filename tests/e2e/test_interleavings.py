@@ -199,7 +199,9 @@ def _journal(run: Run) -> dict[str, list[tuple[float, float, int]]]:
                 ends[key] = event["t"]
     runs: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
     for key, event in starts.items():
-        end = ends.get(key) or run.killed.get(event["pid"]) or run.killed.get(event["ppid"]) or float("inf")
+        # A handler runs in a child of the worker (or of its fork server): a kill of any of them ends it.
+        killed = [run.killed[pid] for pid in (event["pid"], *event["ancestors"]) if pid in run.killed]
+        end = ends.get(key) or min(killed, default=float("inf"))
         runs[key[0]].append((event["t"], end, key[1]))
     return runs
 

@@ -17,9 +17,8 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from asyncproc import db, migrate
+from asyncproc import db, ledger, migrate
 from asyncproc.config import Settings
 
 BACKLOG = 100_000
@@ -95,10 +94,7 @@ def _fetch(conn, worker_id: int) -> dict:
 
 def test_the_apis_insert_and_its_defer_probe_the_queueing_lock_index(backlog_url):
     with explaining(backlog_url) as (conn, plans):
-        conn.execute(db.query("task_insert"), {
-            "operation": "compute", "payload": Jsonb({"n": 1}), "max_attempts": 3, "priority": 0,
-            "run_at": None, "idempotency_key": None, "request_id": None, "owner": None,
-        })
+        ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
         assert_indexed(plans())
 
 
