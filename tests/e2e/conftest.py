@@ -97,6 +97,19 @@ def start_service(
     return service, processes
 
 
+def stop_processes(processes: list[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM every process still running, then wait for each; kill what has not stopped in time."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 def stop_service(processes: list[subprocess.Popen]) -> list[int]:
     for process in processes:
         process.send_signal(signal.SIGTERM)

@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from asyncproc import db, migrate
 from asyncproc.config import Settings
 from tests.conftest import free_port, wait_for
-from tests.e2e.conftest import _healthy, _start, service_env
+from tests.e2e.conftest import _healthy, _start, service_env, stop_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -237,12 +237,12 @@ def test_every_writer_at_once_keeps_every_invariant(seed, tmp_path, empty_databa
             threading.Thread(target=_operator, args=(run, name, random.Random(rng.random()), stop)) for name in SESSIONS
         ] + [threading.Thread(target=_chaos, args=(run, random.Random(rng.random()), stop))]
         checker = threading.Thread(target=_check_while_running, args=(run, stop_checker))
+        # The schedule runs for CHAOS_SECONDS, then every actor finishes its step and stops.
+        threading.Timer(CHAOS_SECONDS, stop.set).start()
         for thread in (*actors, checker):
             thread.start()
-        time.sleep(CHAOS_SECONDS)
-        stop.set()
         for thread in actors:
-            thread.join(60)
+            thread.join(CHAOS_SECONDS + 60)
 
         # Quiesce: a healthy fleet finishes whatever is left.
         run.start_worker()
@@ -294,11 +294,4 @@ def test_every_writer_at_once_keeps_every_invariant(seed, tmp_path, empty_databa
     finally:
         stop.set()
         stop_checker.set()
-        for process in run.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in run.processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(run.processes, timeout=20)

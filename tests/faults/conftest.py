@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from asyncproc import db, migrate
 from asyncproc.config import Settings
 from asyncproc.embedded import EmbeddedPostgres
 from tests.conftest import free_port, wait_for
-from tests.e2e.conftest import Service, _healthy, _start
+from tests.e2e.conftest import Service, _healthy, _start, stop_processes
 
 # Small enough that a test sees every recovery path within seconds.
 FAULT_ENV = {
@@ -164,15 +163,7 @@ class Fleet:
         return process
 
     def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes)
 
 
 @pytest.fixture
