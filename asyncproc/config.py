@@ -6,6 +6,7 @@ the variable, which the CLI prints as one line instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -71,6 +72,9 @@ class Settings:
     auth: str = "off"
     rate_limit_per_second: float | None = None
     rate_limit_burst: int | None = None
+    # Per client address, taken before authentication (ASYNCPROC_AUTH=required).
+    address_rate_limit_per_second: float | None = None
+    address_rate_limit_burst: int | None = None
     worker_metrics_port: int | None = None
     # "seed": the HTTP layer answers in the seed's contract (asyncproc/api/compat.py).
     compat: str = "off"
@@ -80,6 +84,18 @@ class Settings:
     handler_memory_mb: int | None = None
     # How long a task whose operation no worker knows waits for one that does.
     unknown_operation_grace_seconds: float = 900.0
+    # Waiting clients (?wait, /events) parked on each API process's event loop.
+    max_waiters: int = 5000
+    max_waiters_per_key: int = 500
+    stream_max_seconds: float = 300.0
+    # Slow clients: headers and body must arrive within these; connections per address.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    max_connections_per_address: int = 2000
+    # Comma-separated addresses or networks whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    # /metrics needs this bearer token when set; without it, it is open only when auth is off.
+    metrics_token: str | None = None
 
     @property
     def auth_required(self) -> bool:
@@ -170,7 +186,12 @@ class Settings:
                 "ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds
             ),
             auth=reader.choice("ASYNCPROC_AUTH", default.auth.upper(), ("OFF", "REQUIRED")).lower(),
-            **reader.rate_limit("ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
+            **reader.rate_limit("rate_limit", "ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
+            **reader.rate_limit(
+                "address_rate_limit",
+                "ASYNCPROC_ADDRESS_RATE_LIMIT_PER_SECOND",
+                "ASYNCPROC_ADDRESS_RATE_LIMIT_BURST",
+            ),
             worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
             compat=reader.choice("ASYNCPROC_COMPAT", default.compat.upper(), ("OFF", "SEED")).lower(),
             handler_timeout_seconds=reader.number(
@@ -180,6 +201,24 @@ class Settings:
             unknown_operation_grace_seconds=reader.number(
                 "ASYNCPROC_UNKNOWN_OPERATION_GRACE", default.unknown_operation_grace_seconds, 0, 30 * 86400
             ),
+            max_waiters=reader.integer("ASYNCPROC_MAX_WAITERS", default.max_waiters, 0, 1_000_000),
+            max_waiters_per_key=reader.integer(
+                "ASYNCPROC_MAX_WAITERS_PER_KEY", default.max_waiters_per_key, 0, 1_000_000
+            ),
+            stream_max_seconds=reader.number(
+                "ASYNCPROC_STREAM_MAX_SECONDS", default.stream_max_seconds, 1, 86400
+            ),
+            header_timeout_seconds=reader.number(
+                "ASYNCPROC_HEADER_TIMEOUT_SECONDS", default.header_timeout_seconds, 0.1, 3600
+            ),
+            body_timeout_seconds=reader.number(
+                "ASYNCPROC_BODY_TIMEOUT_SECONDS", default.body_timeout_seconds, 0.1, 3600
+            ),
+            max_connections_per_address=reader.integer(
+                "ASYNCPROC_MAX_CONNECTIONS_PER_ADDRESS", default.max_connections_per_address, 1, 1_000_000
+            ),
+            trusted_proxies=reader.networks("ASYNCPROC_TRUSTED_PROXIES"),
+            metrics_token=reader.secret("ASYNCPROC_METRICS_TOKEN"),
         )
 
 
@@ -285,15 +324,32 @@ class _Reader:
             raise ConfigError(f"{name} is not a Redis URL: expected redis://HOST:6379/0")
         return value
 
-    def rate_limit(self, rate_name: str, burst_name: str) -> dict[str, float | int | None]:
+    def rate_limit(self, field: str, rate_name: str, burst_name: str) -> dict[str, float | int | None]:
         """Unset: no limit. The burst defaults to one second's worth of requests."""
         if self._raw(rate_name) is None:
             if self._raw(burst_name) is not None:
                 raise ConfigError(f"{burst_name} is set but {rate_name} is not")
-            return {"rate_limit_per_second": None, "rate_limit_burst": None}
+            return {f"{field}_per_second": None, f"{field}_burst": None}
         rate = self.number(rate_name, 0.0, 0.001, 1_000_000)
         burst = self.integer(burst_name, max(1, math.ceil(rate)), 1, 1_000_000)
-        return {"rate_limit_per_second": rate, "rate_limit_burst": burst}
+        return {f"{field}_per_second": rate, f"{field}_burst": burst}
+
+    def secret(self, name: str) -> str | None:
+        def parse(value: str) -> str:
+            if not re.fullmatch(r"[\x21-\x7e]{16,255}", value):
+                raise ValueError
+            return value
+
+        return self._parse(name, None, parse, "16-255 printable ASCII characters without spaces")
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        def parse(value: str) -> tuple[str, ...]:
+            items = tuple(item.strip() for item in value.split(",") if item.strip())
+            for item in items:
+                ipaddress.ip_network(item, strict=False)
+            return items
+
+        return self._parse(name, (), parse, "comma-separated addresses or networks, for example 10.0.0.0/8")
 
     def seconds_range(self, name: str, default: SecondsRange) -> SecondsRange:
         def parse(value: str) -> SecondsRange:

@@ -5,6 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 
+# The stable code of each HTTP status that is not one of our own errors below:
+# Flask's (404 for an unknown path, 405) and the HTTP server's (400, 414, 431
+# before the app sees the request).
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    429: "too_many_connections",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "unavailable",
+}
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     """The JSON of every error the API answers.
 
@@ -85,18 +104,57 @@ class Unauthorized(AsyncprocError):
         return {"WWW-Authenticate": challenge}
 
 
-class RateLimited(AsyncprocError):
-    code = "rate_limited"
-    status = 429
+class Forbidden(AsyncprocError):
+    code = "forbidden"
+    status = 403
 
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message, details={"retry_after": retry_after})
+
+class _RetryLater(AsyncprocError):
+    def __init__(self, message: str, retry_after: int, details: Any = None):
+        super().__init__(message, details)
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
 
 
+class RateLimited(_RetryLater):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, retry_after, details={"retry_after": retry_after})
+
+
 class BatchTooLarge(AsyncprocError):
     code = "batch_too_large"
     status = 413
+
+
+class BodyTooLarge(AsyncprocError):
+    code = "body_too_large"
+    status = 413
+
+
+class RequestTimeout(AsyncprocError):
+    code = "request_timeout"
+    status = 408
+
+
+class TooManyWaiters(_RetryLater):
+    """This key holds as many long polls and event streams as it may."""
+
+    code = "too_many_waiters"
+    status = 429
+
+
+class WaitersFull(_RetryLater):
+    """This API process holds as many long polls and event streams as it may."""
+
+    code = "waiters_full"
+    status = 503
+
+
+class QuotaExceeded(AsyncprocError):
+    code = "quota_exceeded"
+    status = 429

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from uuid import UUID
 
 import psycopg
@@ -16,7 +15,6 @@ from asyncproc.cache import ResultCache
 from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
-from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ def owned_task(conn: psycopg.Connection, task_id: UUID, owner: int | None) -> Ta
     return task
 
 
-def _lookup(
+def lookup(
     pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None
 ) -> tuple[bytes, bool]:
     """(document, finished): from the cache, which holds finished tasks only, else PostgreSQL.
@@ -120,57 +118,7 @@ def _lookup(
 def result_document(
     pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None
 ) -> bytes:
-    return _lookup(pool, cache, task_id, owner)[0]
-
-
-def wait_for_result(
-    pool: psycopg_pool.ConnectionPool,
-    cache: ResultCache,
-    events: TaskEvents,
-    task_id: UUID,
-    seconds: float,
-    owner: int | None = None,
-) -> bytes:
-    """The task's document as soon as it is finished, or its current one after `seconds`."""
-    deadline = time.monotonic() + seconds
-    with events.watch(task_id) as changed:
-        document, finished = _lookup(pool, cache, task_id, owner)
-        while not finished and (remaining := deadline - time.monotonic()) > 0:
-            changed.wait(events.wait_slice(remaining))
-            changed.clear()
-            document, finished = _lookup(pool, cache, task_id, owner)
-    return document
-
-
-def stream_changes(
-    pool: psycopg_pool.ConnectionPool,
-    cache: ResultCache,
-    events: TaskEvents,
-    task_id: UUID,
-    keepalive: float,
-    owner: int | None = None,
-) -> Iterator[bytes | None]:
-    """Yield the task's document whenever it changes, until it is finished.
-
-    Yields None when nothing changed for `keepalive` seconds, so that the caller
-    can keep the connection alive. The claim of a task is not announced (see the
-    tasks_notify_changed trigger), so the stream also re-reads once a second.
-    """
-    with events.watch(task_id) as changed:
-        document, finished = _lookup(pool, cache, task_id, owner)
-        yield document
-        quiet_since = time.monotonic()
-        while not finished:
-            changed.wait(1.0)
-            changed.clear()
-            latest, finished = _lookup(pool, cache, task_id, owner)
-            if latest != document:
-                document = latest
-                quiet_since = time.monotonic()
-                yield document
-            elif time.monotonic() - quiet_since >= keepalive:
-                quiet_since = time.monotonic()
-                yield None
+    return lookup(pool, cache, task_id, owner)[0]
 
 
 def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None) -> Task:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections import defaultdict
-from typing import Iterator
+from typing import Iterator, Protocol
 from uuid import UUID
 
 
@@ -30,11 +30,15 @@ _RECONNECT_SECONDS = 1.0
 _DEGRADED_POLL_SECONDS = 0.5
 
 
+class Wakeable(Protocol):
+    def set(self) -> None: ...
+
+
 class TaskEvents:
     def __init__(self, settings: Settings, cache: ResultCache):
         self._settings = settings
         self._cache = cache
-        self._watchers: dict[UUID, set[threading.Event]] = defaultdict(set)
+        self._watchers: dict[UUID, set[Wakeable]] = defaultdict(set)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -64,9 +68,10 @@ class TaskEvents:
         return remaining if self.connected else min(remaining, _DEGRADED_POLL_SECONDS)
 
     @contextlib.contextmanager
-    def watch(self, task_id: UUID) -> Iterator[threading.Event]:
-        """An event set whenever the task is announced; register before reading its state."""
-        event = threading.Event()
+    def watch(self, task_id: UUID, event: Wakeable | None = None) -> Iterator[Wakeable]:
+        """`event` (a new threading.Event by default) is set whenever the task
+        is announced; register before reading its state."""
+        event = threading.Event() if event is None else event
         with self._lock:
             self._watchers[task_id].add(event)
         try:

@@ -12,20 +12,12 @@ from werkzeug.exceptions import HTTPException
 from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
-from asyncproc.errors import AsyncprocError, ConfigError, error_body
+from asyncproc.errors import HTTP_CODES, AsyncprocError, ConfigError, error_body
 from asyncproc.operations import load_user_module
 from asyncproc.task_events import TaskEvents
+from asyncproc.waiting import Waiters
 
 log = logging.getLogger(__name__)
-
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-}
-
 
 @dataclass
 class Resources:
@@ -33,8 +25,10 @@ class Resources:
     pool: psycopg_pool.ConnectionPool
     cache: ResultCache
     events: TaskEvents
+    waiters: Waiters
 
     def close(self) -> None:
+        self.waiters.close()
         self.events.close()
         self.pool.close()
 
@@ -54,11 +48,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    pool = open_pool(settings, "asyncproc-api", settings.api_threads)
+    events = TaskEvents(settings, cache).start()
     app.extensions["asyncproc"] = Resources(
         settings=settings,
-        pool=open_pool(settings, "asyncproc-api", settings.api_threads),
+        pool=pool,
         cache=cache,
-        events=TaskEvents(settings, cache).start(),
+        events=events,
+        waiters=Waiters(
+            pool,
+            cache,
+            events,
+            settings.max_waiters,
+            settings.max_waiters_per_key,
+            settings.stream_max_seconds,
+        ),
     )
 
     from asyncproc.api import auth, compat, metrics, openapi, routes
@@ -83,7 +87,7 @@ def _asyncproc_error(error: AsyncprocError):
 def _http_error(error: HTTPException):
     status = error.code or 500
     log.warning("%s %s", status, error.name)
-    body = error_body(_HTTP_CODES.get(status, "http_error"), error.description)
+    body = error_body(HTTP_CODES.get(status, "http_error"), error.description)
     response = error.get_response()
     response.data = current_app.json.dumps(body)
     response.content_type = "application/json"

@@ -1,18 +1,28 @@
 """Who is calling, and may they call now: API keys (ASYNCPROC_AUTH=required)
-and per-client rate limits (ASYNCPROC_RATE_LIMIT_*), checked before every route
-except the open ones."""
+and rate limits (ASYNCPROC_RATE_LIMIT_*), checked before every route except
+the open ones.
+
+Without access control the rate limit is per client address. With it, the
+limit is per key, taken after authentication, so that clients behind one
+address do not share an allowance; and ASYNCPROC_ADDRESS_RATE_LIMIT_* is taken
+per address before authentication, so that a flood of bad keys gets 429s
+instead of a key lookup each.
+"""
 
 from __future__ import annotations
+
+import hmac
 
 from flask import Flask, g, request
 
 from asyncproc import keys, ratelimit
-from asyncproc.api import resources
+from asyncproc.api import clients, resources
 from asyncproc.db import translate_errors
-from asyncproc.errors import RateLimited, Unauthorized
+from asyncproc.errors import Forbidden, RateLimited, Unauthorized
 
 # /health for probes and load balancers, /openapi.json for clients.
 OPEN_ENDPOINTS = frozenset({"asyncproc.health", "openapi"})
+METRICS_ENDPOINT = "metrics.metrics"
 
 
 def init_app(app: Flask) -> None:
@@ -24,14 +34,45 @@ def current_owner() -> int | None:
     return g.get("owner")
 
 
+def client_address() -> str:
+    """The client's address, read through ASYNCPROC_TRUSTED_PROXIES."""
+    if "client_address" not in g:
+        g.client_address = clients.client_address(
+            request.remote_addr, request.headers.get("X-Forwarded-For"), resources().settings.trusted_proxies
+        )
+    return g.client_address
+
+
 def _admit() -> None:
     if request.endpoint in OPEN_ENDPOINTS:
         return
+    if request.endpoint == METRICS_ENDPOINT:
+        _admit_scraper()
+        return
     settings = resources().settings
-    if settings.auth_required:
-        g.owner = _authenticate()
+    if not settings.auth_required:
+        if settings.rate_limit_per_second is not None:
+            _take_token(f"addr:{client_address()}", settings.rate_limit_per_second, settings.rate_limit_burst)
+        return
+    if settings.address_rate_limit_per_second is not None:
+        _take_token(
+            f"addr:{client_address()}", settings.address_rate_limit_per_second, settings.address_rate_limit_burst
+        )
+    g.owner = _authenticate()
     if settings.rate_limit_per_second is not None:
-        _take_token(settings.rate_limit_per_second, settings.rate_limit_burst)
+        _take_token(f"key:{g.owner}", settings.rate_limit_per_second, settings.rate_limit_burst)
+
+
+def _admit_scraper() -> None:
+    """/metrics: with ASYNCPROC_METRICS_TOKEN only for that token, else only from this host."""
+    token = resources().settings.metrics_token
+    if token is None:
+        if not clients.is_loopback(client_address()):
+            raise Forbidden("/metrics is served to this host only; set ASYNCPROC_METRICS_TOKEN to scrape it remotely")
+        return
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), token.encode()):
+        raise Unauthorized("Send the metrics token: Authorization: Bearer <ASYNCPROC_METRICS_TOKEN>", invalid_token=bool(sent))
 
 
 def _authenticate() -> int:
@@ -45,9 +86,7 @@ def _authenticate() -> int:
     return owner
 
 
-def _take_token(rate: float, burst: int) -> None:
-    owner = current_owner()
-    bucket = f"key:{owner}" if owner is not None else f"addr:{request.remote_addr}"
+def _take_token(bucket: str, rate: float, burst: int) -> None:
     with translate_errors(), resources().pool.connection() as conn:
         decision = ratelimit.take(conn, bucket, rate, burst)
     if not decision.allowed:

@@ -146,6 +146,11 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
             "rate limit exceeded", {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
         )
     unavailable = {"503": _error("the database is unavailable; retry shortly")}
+    retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    waiting = {
+        "429": _error("rate limit exceeded, or this client holds as many waiting requests as it may", retry_after),
+        "503": _error("the database is unavailable, or this API process holds as many waiting requests as it may"),
+    }
     security = {"security": [{"bearerAuth": []}]} if settings.auth_required else {}
     accepted_headers = {"Location": {"schema": {"type": "string"}, "description": "/results/{task_id}"}}
     task_id_parameter = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -279,7 +284,7 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                     "404": not_found,
                     "422": _error("wait is not a number of seconds from 0 to 60"),
                     **guarded,
-                    **unavailable,
+                    **waiting,
                 },
             }
         },
@@ -288,15 +293,26 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                 "operationId": "streamTask",
                 "summary": "Server-Sent Events: the task on every status or progress change, until it is finished",
                 **security,
-                "parameters": [task_id_parameter],
+                "parameters": [
+                    task_id_parameter,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": validation.HEADER_VALUE.pattern},
+                        "description": "resume: the task is sent only if it changed since this event",
+                    },
+                ],
                 "responses": {
                     "200": {
-                        "description": "a stream of `event: task` with the task as `data`, and keepalive comments",
+                        "description": "a stream of `event: task` with the task as `data` and an `id`, keepalive "
+                        "comments, and `retry:` when it reaches ASYNCPROC_STREAM_MAX_SECONDS",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "404": not_found,
+                    "422": _error("Last-Event-ID is not 1-255 printable ASCII characters"),
                     **guarded,
-                    **unavailable,
+                    **waiting,
                 },
             }
         },
@@ -344,11 +360,17 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
             "get": {
                 "operationId": "metrics",
                 "summary": "Prometheus metrics of every API process and of the ledger",
+                **({"security": [{"bearerAuth": []}]} if settings.metrics_token else {}),
                 "responses": {
                     "200": {
                         "description": "Prometheus text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **(
+                        {"401": _error("missing or wrong ASYNCPROC_METRICS_TOKEN")}
+                        if settings.metrics_token
+                        else {"403": _error("a client not on this host, without ASYNCPROC_METRICS_TOKEN set")}
+                    ),
                 },
             }
         },

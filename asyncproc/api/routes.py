@@ -9,15 +9,16 @@ from flask import Blueprint, Flask, Response, g, request
 
 from asyncproc import service
 from asyncproc.api import resources, validation
-from asyncproc.api.auth import current_owner
+from asyncproc.api.asgi import LOOP_KEY, PARKED_KEY
+from asyncproc.api.auth import client_address, current_owner
 from asyncproc.errors import InvalidRequest, UnsupportedMediaType
 from asyncproc.logs import request_id_var
+from asyncproc.waiting import Parked, run_blocking
 
 log = logging.getLogger(__name__)
 bp = Blueprint("asyncproc", __name__)
 
 JSON = "application/json"
-SSE_KEEPALIVE_SECONDS = 15.0
 
 
 def init_app(app: Flask) -> None:
@@ -95,27 +96,40 @@ def results(raw_id: str):
     res = resources()
     task_id = validation.task_id(raw_id)
     wait = validation.wait_seconds(request.args.get("wait"))
-    if wait:
-        document = service.wait_for_result(res.pool, res.cache, res.events, task_id, wait, owner=current_owner())
-    else:
-        document = service.result_document(res.pool, res.cache, task_id, owner=current_owner())
-    return Response(document, mimetype=JSON)
+    document, finished = service.lookup(res.pool, res.cache, task_id, owner=current_owner())
+    if finished or not wait:
+        return Response(document, mimetype=JSON)
+    release = res.waiters.admit(_waiter_key())
+    return _parked(res.waiters.wait_for_result(task_id, wait, current_owner()), release, JSON)
 
 
 @bp.get("/results/<raw_id>/events")
 def result_events(raw_id: str):
     res = resources()
-    changes = service.stream_changes(
-        res.pool, res.cache, res.events, validation.task_id(raw_id), SSE_KEEPALIVE_SECONDS, owner=current_owner()
-    )
-    first = next(changes)  # an unknown id fails here, as a JSON 404, before streaming starts
+    task_id = validation.task_id(raw_id)
+    # An unknown id fails here, as a JSON 404, before streaming starts.
+    service.lookup(res.pool, res.cache, task_id, owner=current_owner())
+    last_event_id = validation.header_token(request.headers.get("Last-Event-ID"), "Last-Event-ID")
+    release = res.waiters.admit(_waiter_key())
+    changes = res.waiters.stream_changes(task_id, current_owner(), last_event_id)
+    response = _parked(changes, release, "text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
-    def stream():
-        yield b"event: task\ndata: " + first + b"\n\n"
-        for document in changes:
-            yield b": keepalive\n\n" if document is None else b"event: task\ndata: " + document + b"\n\n"
 
-    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _waiter_key() -> str:
+    owner = current_owner()
+    return f"key:{owner}" if owner is not None else f"addr:{client_address()}"
+
+
+def _parked(chunks, release, mimetype: str) -> Response:
+    """A response whose body comes later: parked on the server's event loop
+    when there is one (asyncproc.api.asgi), else produced on this thread."""
+    parked = Parked(chunks, release)
+    if LOOP_KEY in request.environ:
+        request.environ[PARKED_KEY] = parked
+        return Response(b"", mimetype=mimetype)
+    return Response(run_blocking(parked), mimetype=mimetype)
 
 
 @bp.post("/results/<raw_id>/retry")

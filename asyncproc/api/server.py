@@ -18,10 +18,10 @@ class ApiServer(BaseApplication):
         self.options = {
             "bind": bind,
             "workers": workers,
-            # Threads let one process serve slow clients and long polls without
-            # blocking the others; each thread borrows a pooled connection.
-            "worker_class": "gthread",
-            "threads": settings.api_threads,
+            # One event loop per process holds every connection, slow or waiting;
+            # Flask runs on ASYNCPROC_API_THREADS threads (asyncproc.api.asgi).
+            "worker_class": "asyncproc.api.asgi.Worker",
+            "asgi_lifespan": "off",
             "timeout": 30,
             "graceful_timeout": 10,
             "keepalive": 5,
@@ -43,8 +43,10 @@ class ApiServer(BaseApplication):
         # Runs in each gunicorn worker after fork, so every process opens its own pool.
         from asyncproc.api import create_app
 
+        from asyncproc.api.asgi import WsgiBridge
+
         logs.configure(self.settings.log_level, self.settings.log_format)
-        return create_app(self.settings)
+        return WsgiBridge(create_app(self.settings), self.settings)
 
 
 def _gunicorn_logger(fmt: str) -> type[glogging.Logger]:
