@@ -15,6 +15,9 @@ from asyncproc.bench.harness import Harness
 from asyncproc.config import Settings
 
 MS = 1000.0
+# Figure 9: long polls parked on one task, and clients sending a request a byte at a time.
+SIEGE_WAITERS = 1000
+SIEGE_SLOW = 100
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class Bench:
             ("python", platform.python_version()),
             ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync})"),
             ("procrastinate", metadata.version("procrastinate")),
-            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} workers x {s.api_threads} threads (gthread)"),
+            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} asyncio workers, Flask on {s.api_threads} threads each"),
             ("worker", f"concurrency {s.worker_concurrency} per process"),
             ("redis", "yes" if self.h.redis_url else "no (cache figures n/a)"),
             ("host cores", str(os.cpu_count())),
@@ -149,7 +152,22 @@ class Bench:
         self.h.reset()
         self.rows.append(Row(f"3 POST /process/batch ({p.batch_size}/request)", f"{rate:,.0f} tasks/s", "",
                              "≥ 10,000 tasks/s", _verdict(rate >= 10_000)))
+        self._siege()
         return {"f1": api}
+
+    def _siege(self) -> None:
+        waiters, slow = SIEGE_WAITERS, SIEGE_SLOW
+        self.say(f"figure 9: POST /process with {waiters:,} waiting and {slow} slow clients")
+        pairs = [figures.post_latency_under_siege(self.h.port, waiters, slow, self.plan.post_samples)
+                 for _ in range(self.plan.runs)]
+        self.h.reset()
+        idle = (statistics.median(figures.percentile(i, 50) for i, _ in pairs),
+                statistics.median(figures.percentile(i, 99) for i, _ in pairs))
+        besieged = (statistics.median(figures.percentile(b, 50) for _, b in pairs),
+                    statistics.median(figures.percentile(b, 99) for _, b in pairs))
+        self.rows.append(Row(f"9 POST /process latency, {waiters:,} waiting + {slow} slow clients",
+                             _lat(besieged), "idle " + _lat(idle), "p99 ≤ 2× idle",
+                             _verdict(besieged[1] <= 2 * idle[1])))
 
     def _figures_with_workers(self) -> dict[str, object]:
         p = self.plan
