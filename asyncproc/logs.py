@@ -40,8 +40,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# C0 controls, DEL and C1 controls, shown as escapes: a client's value in a
+# message can then neither end the line nor colour the terminal.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: control characters in the message are escaped
+    (JSON lines get the same from json.dumps); a traceback still follows."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        record.request_id = escape_controls(str(getattr(record, "request_id", "-")))
+        return super().formatMessage(record)
+
+
 def formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT)
+    return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
 def configure(level: str, fmt: str = "text") -> None:

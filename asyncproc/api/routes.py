@@ -25,6 +25,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.before_request(_start_request)
     app.after_request(_finish_request)
+    app.teardown_request(_forget_request)
 
 
 def _start_request() -> None:
@@ -36,6 +37,11 @@ def _start_request() -> None:
 def _finish_request(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "-")
     return response
+
+
+def _forget_request(_error: BaseException | None) -> None:
+    # A server thread serves many requests: the next line it logs is no longer this one's.
+    request_id_var.set("-")
 
 
 @bp.post("/process")

@@ -24,13 +24,23 @@ PRIORITY_LIMIT = 1_000_000
 MAX_DELAY_SECONDS = 10 * 366 * 86400
 MAX_WAIT_SECONDS = 60
 MAX_BATCH_TASKS = 1000
+UTF8_BOM = b"\xef\xbb\xbf"
+# A 422 names this many unknown fields at most, and counts the rest.
+MAX_NAMED_FIELDS = 20
 
 
 def parse_json_body(raw: bytes) -> Any:
     if not raw.strip():
         raise MalformedBody("The request body is empty; send a JSON object")
+    if raw.startswith(UTF8_BOM):
+        raise MalformedBody("The body starts with a byte order mark; send UTF-8 without one")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        # Decoded here, strictly: json.loads would also take UTF-16 and UTF-32 bytes.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"The request body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise MalformedBody("The JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -142,10 +152,17 @@ def new_task(
         raise InvalidRequest("The JSON body must be an object")
     unknown = sorted(set(body) - TOP_LEVEL_FIELDS)
     if unknown:
+        named = [name[:100] for name in unknown[:MAX_NAMED_FIELDS]]
+        more = len(unknown) - len(named)
         raise InvalidRequest(
-            "Unknown fields: " + ", ".join(unknown),
-            [{"field": name, "problem": "unknown field"} for name in unknown],
+            "Unknown fields: " + ", ".join(named) + (f" and {more} more" if more else ""),
+            [{"field": name, "problem": "unknown field"} for name in named]
+            + ([{"problem": f"{more} more unknown fields"}] if more else []),
         )
+    # Every field, not only data: PostgreSQL stores no NUL, and a NUL in run_at is no timestamp.
+    for name in TOP_LEVEL_FIELDS - {"data"}:
+        if name in body:
+            check_storable(body[name], name)
     data = body.get("data", {})
     if data is None:
         data = {}

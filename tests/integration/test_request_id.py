@@ -25,3 +25,11 @@ def test_error_answers_carry_the_request_id_too(app):
     generated = client.post("/process", data="{", content_type="application/json")
     assert generated.status_code == 400
     assert len(generated.headers["X-Request-ID"]) == 32
+
+
+def test_the_request_id_is_forgotten_once_the_request_is_answered(app):
+    from asyncproc.logs import request_id_var
+
+    app.test_client().get("/health", headers={"X-Request-ID": "trace-once"})
+    # Flask's test client serves on this thread, as a server thread would.
+    assert request_id_var.get() == "-"

@@ -43,3 +43,9 @@ def test_the_text_format_names_the_request_id():
     finally:
         logs.request_id_var.reset(token)
     assert line.endswith("asyncproc.test [rid=rid-2] hello")
+
+
+def test_a_text_line_escapes_control_characters_so_no_line_can_be_forged():
+    line = logs.formatter("text").format(_record("bad key %s", "k\n2026-01-01 INFO forged\r\x00\x1b[31m\x9b"))
+    assert "\n" not in line and "\r" not in line and "\x00" not in line and "\x1b" not in line and "\x9b" not in line
+    assert line.endswith("bad key k\\n2026-01-01 INFO forged\\r\\x00\\x1b[31m\\x9b")
