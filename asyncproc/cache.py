@@ -1,8 +1,14 @@
 """The Redis cache of finished results. It never raises to its callers.
 
 Redis is only an accelerator: when it is unset, down or empty every read misses
-and callers fall back to PostgreSQL. After a failure the cache stays off for a
-short cool-down, so an outage costs one timeout per second, not one per request.
+and callers fall back to PostgreSQL. After a failure reads and puts stay off for
+a short cool-down, so an outage costs one timeout per second, not one per
+request. Invalidations are always tried: a missed one would serve a stale state.
+
+Entries are versioned by the task's updated_at. An invalidation leaves a
+tombstone with the version of the new state, and a put only replaces an older
+version: a reader that read the row just before a change cannot put the old
+state back after the change's invalidation.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 import redis
@@ -17,8 +24,26 @@ import redis.asyncio
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "asyncproc:result:"
+# v2: a hash {v: version, d: document}; "d" empty for a tombstone.
+KEY_PREFIX = "asyncproc:result:v2:"
 COOL_DOWN_SECONDS = 1.0
+# KEYS[1]: the entry; ARGV: version, document ("" for a tombstone), ttl.
+_PUT_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def version_of(updated_at: datetime) -> int:
+    """A task state's version: its updated_at in microseconds since the epoch,
+    exactly as the tasks_notify_changed trigger computes it."""
+    return (updated_at - _EPOCH) // timedelta(microseconds=1)
 
 
 class _Breaker:
@@ -65,6 +90,7 @@ class ResultCache:
             log.info("REDIS_URL is not set: the results cache is off")
             return
         self._client = redis.Redis.from_url(redis_url, **_client_options(socket_timeout))
+        self._put_if_newer = self._client.register_script(_PUT_IF_NEWER)
 
     def _available(self) -> bool:
         return self._client is not None and self._breaker.closed()
@@ -73,30 +99,29 @@ class ResultCache:
         if not self._available():
             return None
         try:
-            value = self._client.get(KEY_PREFIX + str(task_id))
+            value = self._client.hget(KEY_PREFIX + str(task_id), "d")
         except redis.RedisError as exc:
             self._breaker.failed("get", exc)
             return None
         self._breaker.succeeded()
-        return value
+        return value or None
 
-    def put(self, task_id: UUID, document: bytes) -> None:
+    def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if not self._available():
             return
-        try:
-            self._client.set(KEY_PREFIX + str(task_id), document, ex=self.ttl_seconds)
-        except redis.RedisError as exc:
-            self._breaker.failed("put", exc)
-            return
-        self._breaker.succeeded()
+        self._put(task_id, version_of(updated_at), document, "put")
 
-    def invalidate(self, task_id: UUID) -> None:
-        if not self._available():
-            return
+    def invalidate(self, task_id: UUID, version: int) -> None:
+        """Forget the task's cached state, and refuse any put older than
+        `version` (see version_of), the version of its new state."""
+        if self._client is not None:
+            self._put(task_id, version - 1, b"", "invalidate")
+
+    def _put(self, task_id: UUID, version: int, document: bytes, action: str) -> None:
         try:
-            self._client.delete(KEY_PREFIX + str(task_id))
+            self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, self.ttl_seconds])
         except redis.RedisError as exc:
-            self._breaker.failed("invalidate", exc)
+            self._breaker.failed(action, exc)
             return
         self._breaker.succeeded()
 
@@ -124,24 +149,22 @@ class AsyncResultCache:
             log.info("REDIS_URL is not set: the results cache is off")
             return
         self._client = redis.asyncio.Redis.from_url(redis_url, **_client_options(socket_timeout))
+        self._put_if_newer = self._client.register_script(_PUT_IF_NEWER)
 
-    async def put(self, task_id: UUID, document: bytes) -> None:
+    async def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if self._client is None or not self._breaker.closed():
             return
-        try:
-            await self._client.set(KEY_PREFIX + str(task_id), document, ex=self.ttl_seconds)
-        except (redis.RedisError, OSError) as exc:
-            self._breaker.failed("put", exc)
-            return
-        self._breaker.succeeded()
+        await self._put(task_id, version_of(updated_at), document, "put")
 
-    async def invalidate(self, task_id: UUID) -> None:
-        if self._client is None or not self._breaker.closed():
-            return
+    async def invalidate(self, task_id: UUID, version: int) -> None:
+        if self._client is not None:
+            await self._put(task_id, version - 1, b"", "invalidate")
+
+    async def _put(self, task_id: UUID, version: int, document: bytes, action: str) -> None:
         try:
-            await self._client.delete(KEY_PREFIX + str(task_id))
+            await self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, self.ttl_seconds])
         except (redis.RedisError, OSError) as exc:
-            self._breaker.failed("invalidate", exc)
+            self._breaker.failed(action, exc)
             return
         self._breaker.succeeded()
 

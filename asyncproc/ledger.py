@@ -62,6 +62,14 @@ class NewTask:
     request_id: str | None = None
     owner: int | None = None
     timeout_seconds: float | None = None
+    # A hash of the whole request, compared when its Idempotency-Key is replayed.
+    idempotency_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentTask:
+    task_id: UUID
+    idempotency_fingerprint: str | None
 
 
 def _task(row: dict[str, Any] | None) -> Task | None:
@@ -112,6 +120,7 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
             "request_id": new.request_id,
             "owner": new.owner,
             "timeout_seconds": new.timeout_seconds,
+            "idempotency_fingerprint": new.idempotency_fingerprint,
         },
     ).fetchone()
     return _task(row)
@@ -141,9 +150,9 @@ def task_get(conn: psycopg.Connection, task_id: UUID) -> Task | None:
     return _task(conn.execute(query("task_get"), {"task_id": task_id}).fetchone())
 
 
-def task_get_by_idempotency_key(conn: psycopg.Connection, key: str) -> Task | None:
-    row = conn.execute(query("task_get_by_idempotency_key"), {"idempotency_key": key}).fetchone()
-    return _task(row)
+def task_find_by_idempotency_key(conn: psycopg.Connection, key: str, owner: int | None) -> IdempotentTask | None:
+    row = conn.execute(query("task_find_by_idempotency_key"), {"idempotency_key": key, "owner": owner}).fetchone()
+    return None if row is None else IdempotentTask(**row)
 
 
 async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any]) -> Task | None:

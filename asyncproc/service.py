@@ -11,7 +11,7 @@ import psycopg
 import psycopg_pool
 
 from asyncproc import jsonb, ledger
-from asyncproc.cache import ResultCache
+from asyncproc.cache import ResultCache, version_of
 from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
@@ -52,26 +52,29 @@ def encode_document(task: Task) -> bytes:
 def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool]:
     """Store and queue one task in a single commit; (task, created).
 
-    A repeated Idempotency-Key returns the original task, provided the request
-    asked for the same work; otherwise it is a conflict.
+    A repeated Idempotency-Key of the same owner returns the original task,
+    provided the request was the same, by value; otherwise it is a conflict.
     """
     with translate_errors(), pool.connection() as conn:
         task = ledger.task_insert(conn, new)
         if task is not None:
             return task, True
-        existing = ledger.task_get_by_idempotency_key(conn, new.idempotency_key)
-    if existing is None:
-        # The key's row vanished between the two statements (deleted by hand).
+        found = ledger.task_find_by_idempotency_key(conn, new.idempotency_key, new.owner)
+        existing = None if found is None else ledger.task_get(conn, found.task_id)
+    if found is None or existing is None:
+        # The key's row vanished between the statements (deleted by hand).
         raise Conflict("The Idempotency-Key was in use a moment ago; retry the request")
-    if existing.owner != new.owner:
-        # Keys are unique across clients; another client's task stays invisible.
-        raise Conflict("This Idempotency-Key is already in use; choose another")
-    if (existing.operation, existing.payload, existing.max_attempts, existing.priority) != (
-        new.operation,
-        new.payload,
-        new.max_attempts,
-        new.priority,
-    ):
+    if found.idempotency_fingerprint is not None:
+        same = found.idempotency_fingerprint == new.idempotency_fingerprint
+    else:
+        # A row inserted without the API: what it stores is all there is to compare.
+        same = (existing.operation, existing.payload, existing.max_attempts, existing.priority) == (
+            new.operation,
+            new.payload,
+            new.max_attempts,
+            new.priority,
+        )
+    if not same:
         raise Conflict(
             "This Idempotency-Key was already used for a different request",
             details={"task_id": str(existing.task_id)},
@@ -111,7 +114,7 @@ def lookup(
         task = owned_task(conn, task_id, owner)
     document = encode_document(task)
     if task.finished:
-        cache.put(task_id, document)
+        cache.put(task_id, document, task.updated_at)
     return document, task.finished
 
 
@@ -142,7 +145,7 @@ def _operator_change(
         if owner is not None:
             owned_task(conn, task_id, owner)
         task = change(conn, task_id)
-    cache.invalidate(task_id)
+    cache.invalidate(task_id, version_of(task.updated_at))
     log.info("task %s is now %s", task_id, task.status)
     return task
 

@@ -83,9 +83,9 @@ class TaskEvents:
                 if not watchers:
                     del self._watchers[task_id]
 
-    def _announce(self, task_id: UUID, status: str) -> None:
+    def _announce(self, task_id: UUID, status: str, version: int) -> None:
         if status not in FINAL_STATUSES:
-            self._cache.invalidate(task_id)
+            self._cache.invalidate(task_id, version)
         with self._lock:
             watchers = list(self._watchers.get(task_id, ()))
         for event in watchers:
@@ -127,12 +127,12 @@ class TaskEvents:
                     self._announce(*parsed)
 
 
-def parse_notification(payload: str) -> tuple[UUID, str] | None:
-    """(task id, status) from "<uuid> <status>", or None for anything else."""
-    raw_id, _, status = payload.partition(" ")
-    if status not in STATUSES:
+def parse_notification(payload: str) -> tuple[UUID, str, int] | None:
+    """(task id, status, version) from "<uuid> <status> <version>" (migrations/0009_api_limits.sql), or None for anything else."""
+    parts = payload.split(" ")
+    if len(parts) != 3 or parts[1] not in STATUSES or not parts[2].isdigit():
         return None
     try:
-        return UUID(raw_id), status
+        return UUID(parts[0]), parts[1], int(parts[2])
     except ValueError:
         return None

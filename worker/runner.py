@@ -16,7 +16,7 @@ import psycopg
 import psycopg_pool
 
 from asyncproc import ledger
-from asyncproc.cache import AsyncResultCache
+from asyncproc.cache import AsyncResultCache, version_of
 from asyncproc.config import Settings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
@@ -81,7 +81,7 @@ class Runner:
             request_id_var.reset(token)
 
     async def _run_claimed(self, task: Task) -> None:
-        await self.cache.invalidate(task.task_id)
+        await self.cache.invalidate(task.task_id, version_of(task.updated_at))
         operation = self.registry.find(task.operation)
         if operation is None:
             await self._wait_for_operation(task)
@@ -203,7 +203,7 @@ class Runner:
             return
         log.info("task %s completed", task.task_id)
         self.metrics.finished(task.operation, "completed")
-        await self.cache.put(done.task_id, encode_document(done))
+        await self.cache.put(done.task_id, encode_document(done), done.updated_at)
 
     async def _fail(self, task: Task, error: str, retry: bool) -> None:
         if retry and task.attempts < task.max_attempts:
@@ -219,7 +219,7 @@ class Runner:
             return
         log.warning("task %s failed after %s attempt(s): %s", task.task_id, task.attempts, error)
         self.metrics.finished(task.operation, "failed")
-        await self.cache.put(failed.task_id, encode_document(failed))
+        await self.cache.put(failed.task_id, encode_document(failed), failed.updated_at)
 
     async def run_interruptible(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
         """run(), cut short by interrupt()."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from asyncproc.errors import BatchTooLarge, InvalidRequest, MalformedBody, TaskNotFound
@@ -175,17 +177,55 @@ def new_task(
         registry.check(operation, payload)
     except InvalidInput as exc:
         raise InvalidRequest(str(exc), exc.details) from None
+    max_attempts = _integer(body, "max_attempts", default_max_attempts, 1, 100)
+    priority = _integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    run_at = _run_at(body, datetime.now(timezone.utc))
+    fingerprint = None
+    if idempotency_key is not None:
+        # The whole request, schedule included, with the defaults filled in.
+        fingerprint = request_fingerprint(
+            {
+                **{name: value for name, value in body.items() if name not in ("data", "run_at")},
+                "operation": operation,
+                "payload": payload,
+                "max_attempts": max_attempts,
+                "priority": priority,
+                "run_at": None if "run_at" not in body else run_at.isoformat(),
+            }
+        )
     return NewTask(
         operation=operation,
         payload=payload,
-        max_attempts=_integer(body, "max_attempts", default_max_attempts, 1, 100),
-        priority=_integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT),
-        run_at=_run_at(body, datetime.now(timezone.utc)),
+        max_attempts=max_attempts,
+        priority=priority,
+        run_at=run_at,
         timeout_seconds=_timeout(body),
         idempotency_key=idempotency_key,
         request_id=request_id,
         owner=owner,
+        idempotency_fingerprint=fingerprint,
     )
+
+
+def request_fingerprint(request: dict[str, Any]) -> str:
+    """sha256 of the request by value: keys in order, and numbers as JSON
+    numbers (1e23, 100000000000000000000000 and 1e23 as a float are one value)."""
+    return hashlib.sha256(json.dumps(_canonical(request), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """Strings and numbers tagged so that no string can pass for a number."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return "s" + value
+    if isinstance(value, (int, float)):
+        # repr() of a float is its shortest JSON form; Decimal compares it by value.
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        return "n" + str(number.normalize())
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    return [_canonical(item) for item in value]
 
 
 def new_tasks(

@@ -3,20 +3,20 @@
 
 -- name: task_insert
 INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id, owner,
-                   timeout_seconds)
+                   timeout_seconds, idempotency_fingerprint)
 VALUES (%(operation)s, %(payload)s, %(max_attempts)s, %(priority)s,
-        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s, %(timeout_seconds)s)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s,
+        %(timeout_seconds)s, %(idempotency_fingerprint)s)
+ON CONFLICT ((COALESCE(owner, 0)), idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id, owner
 
--- name: task_get_by_idempotency_key
-SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id, owner
+-- name: task_find_by_idempotency_key
+-- Keys are unique per owner (NULL: access control off), as the index says.
+SELECT task_id, idempotency_fingerprint
 FROM tasks
-WHERE idempotency_key = %(idempotency_key)s
+WHERE COALESCE(owner, 0) = COALESCE(%(owner)s, 0) AND idempotency_key = %(idempotency_key)s
 
 -- name: task_get
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,

@@ -68,3 +68,37 @@ def test_a_body_of_unknown_fields_gets_a_short_422_and_a_short_log_line(app, cap
     assert len([item for item in error["details"] if "field" in item]) == 20
     assert "and 59980 more" in error["message"]
     assert max(len(record.getMessage()) for record in caplog.records) < 5_000
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "replayed"),
+    [
+        ({"data": {"x": 1e23}}, {"data": {"x": 1e23}}, True),
+        ('{"data": {"x": 1e23}}', '{"data": {"x": 100000000000000000000000}}', True),
+        ({"data": {"n": 3}}, {"data": {"n": 3}, "max_attempts": 3}, True),
+        ({"data": {"n": 3}, "run_at": "2030-01-01T00:00:00Z"}, {"data": {"n": 3}, "run_at": "2030-01-01T00:00:00+00:00"}, True),
+        ({"data": {"n": 3}, "run_at": "2030-01-01T00:00:00Z"}, {"data": {"n": 3}, "run_at": "2030-01-02T00:00:00Z"}, False),
+        ({"data": {"n": 3}, "delay_seconds": 60}, {"data": {"n": 3}, "delay_seconds": 61}, False),
+        ({"data": {"n": 3}}, {"data": {"n": 3}, "delay_seconds": 60}, False),
+        ({"data": {"input": 3}}, {"data": {"input": "3"}}, False),
+    ],
+    ids=["big float", "big float as integer", "default spelled out", "same instant", "run_at changed",
+         "delay changed", "delay added", "number vs string"],
+)
+def test_a_replay_compares_the_whole_request_by_value(app, clean_db, first, again, replayed):
+    def send(body):
+        raw = body if isinstance(body, str) else json.dumps(body)
+        return app.test_client().post(
+            "/process", data=raw, content_type="application/json", headers={"Idempotency-Key": "replay-1"}
+        )
+
+    original = send(first)
+    assert original.status_code == 202
+    answer = send(again)
+    if replayed:
+        assert answer.status_code == 200
+        assert answer.get_json()["task_id"] == original.get_json()["task_id"]
+    else:
+        assert answer.status_code == 409
+        assert answer.get_json()["error"]["code"] == "conflict"
+    assert clean_db.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 1
