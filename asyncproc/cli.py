@@ -20,6 +20,7 @@ from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bi
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.keys import KeyCommandError
+from asyncproc.quotas import Quota
 from asyncproc.migrate import MigrationError
 from asyncproc.operations import load_user_module
 from asyncproc.uplock import AlreadyRunning
@@ -100,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     key_commands.add_parser("create", help="create a key and print it (shown only this once)").add_argument("name")
     key_commands.add_parser("revoke", help="revoke the live key with this name").add_argument("name")
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    limit = key_commands.add_parser("limit", help="set a key's quota; a limit not given is removed")
+    limit.add_argument("name")
+    limit.add_argument("--max-active", dest="max_active_tasks", type=int, help="pending plus running tasks")
+    limit.add_argument("--max-priority", dest="max_priority", type=int, help="highest priority a task may ask for")
+    limit.add_argument("--max-batch", dest="max_batch_tasks", type=int, help="tasks in one POST /process/batch")
+    limit.add_argument("--max-timeout-seconds", dest="max_timeout_seconds", type=float, help="highest timeout_seconds")
 
     commands.add_parser("status", help="the service, the queue and the workers")
     commands.add_parser(
@@ -244,7 +251,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from asyncproc import keys
 
         with db.connect(database_url, settings, "asyncproc-keys") as conn:
-            return keys.run(conn, args.keys_command, getattr(args, "name", None))
+            quota = Quota(**{name: getattr(args, name, None) for name in keys.QUOTA_FIELDS})
+            return keys.run(conn, args.keys_command, getattr(args, "name", None), quota)
     if args.command == "worker":
         from worker import main as worker_main
 

@@ -19,6 +19,7 @@ from datetime import datetime
 import psycopg
 
 from asyncproc.db import query
+from asyncproc.quotas import NO_QUOTA, Quota
 
 PREFIX = "apk"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
@@ -37,6 +38,22 @@ class ApiKey:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    quota: Quota = NO_QUOTA
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A verified key: its id (the owner of its tasks) and its quota."""
+
+    id: int
+    quota: Quota
+
+
+QUOTA_FIELDS = ("max_active_tasks", "max_priority", "max_batch_tasks", "max_timeout_seconds")
+
+
+def _quota(row: dict) -> Quota:
+    return Quota(**{name: row.pop(name) for name in QUOTA_FIELDS})
 
 
 def _hash(secret: str) -> bytes:
@@ -55,16 +72,23 @@ def create(conn: psycopg.Connection, name: str) -> str:
     return f"{PREFIX}_{row['id']}_{secret}"
 
 
-def verify(conn: psycopg.Connection, key: str) -> int | None:
-    """The id of the live key `key`, or None."""
+def verify(conn: psycopg.Connection, key: str) -> Caller | None:
+    """The live key `key` with its quota, or None."""
     match = _KEY_PATTERN.match(key)
     if match is None:
         return None
     row = conn.execute(query("api_key_get_live"), {"id": int(match.group(1))}).fetchone()
     stored = _NO_HASH if row is None else bytes(row["key_hash"])
     if hmac.compare_digest(stored, _hash(match.group(2))) and row is not None:
-        return row["id"]
+        return Caller(row["id"], _quota(row))
     return None
+
+
+def set_quota(conn: psycopg.Connection, name: str, quota: Quota) -> None:
+    """Replace the quota of the live key `name`; a None field is no limit."""
+    row = conn.execute(query("api_key_set_quota"), {"name": name, **vars(quota)}).fetchone()
+    if row is None:
+        raise KeyCommandError(f"no live key named {name!r}")
 
 
 def revoke(conn: psycopg.Connection, name: str) -> bool:
@@ -73,11 +97,11 @@ def revoke(conn: psycopg.Connection, name: str) -> bool:
 
 
 def list_keys(conn: psycopg.Connection) -> list[ApiKey]:
-    return [ApiKey(**row) for row in conn.execute(query("api_key_list"))]
+    return [ApiKey(quota=_quota(row), **row) for row in conn.execute(query("api_key_list"))]
 
 
-def run(conn: psycopg.Connection, action: str, name: str | None) -> int:
-    """`asyncproc keys create|revoke|list`: print the outcome; the exit code."""
+def run(conn: psycopg.Connection, action: str, name: str | None, quota: Quota = NO_QUOTA) -> int:
+    """`asyncproc keys create|revoke|limit|list`: print the outcome; the exit code."""
     if action == "create":
         print(create(conn, name))
         print(f"key {name!r} created; it is shown only this once", file=sys.stderr)
@@ -87,7 +111,16 @@ def run(conn: psycopg.Connection, action: str, name: str | None) -> int:
             raise KeyCommandError(f"no live key named {name!r}")
         print(f"key {name!r} revoked")
         return 0
+    if action == "limit":
+        set_quota(conn, name, quota)
+        print(f"key {name!r}: {_describe(quota)}")
+        return 0
     for key in list_keys(conn):
         state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "live"
-        print(f"{key.name}\tcreated {key.created_at.isoformat()}\t{state}")
+        print(f"{key.name}\tcreated {key.created_at.isoformat()}\t{state}\t{_describe(key.quota)}")
     return 0
+
+
+def _describe(quota: Quota) -> str:
+    limits = [f"{name}={value:g}" for name, value in vars(quota).items() if value is not None]
+    return ", ".join(limits) if limits else "no quota"

@@ -238,3 +238,7 @@ async def tasks_sweep(conn: psycopg.AsyncConnection, stalled_seconds: float) -> 
     """Repair dead jobs and the invariant between tasks and jobs (SQL asyncproc_sweep)."""
     cursor = await conn.execute(query("tasks_sweep"), {"stalled_seconds": stalled_seconds})
     return SweepReport(**await cursor.fetchone())
+
+
+def tasks_count_active_of_owner(conn: psycopg.Connection, owner: int) -> int:
+    return conn.execute(query("tasks_count_active_of_owner"), {"owner": owner}).fetchone()["n"]

@@ -7,6 +7,8 @@ request takes one. The whole decision is one UPSERT on an UNLOGGED table.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -26,3 +28,27 @@ def take(conn: psycopg.Connection, bucket: str, rate: float, burst: int) -> Deci
     if row["granted"]:
         return Decision(True, 0)
     return Decision(False, max(1, math.ceil((1 - row["tokens"]) / rate)))
+
+
+def prune(conn: psycopg.Connection, limits: list[tuple[float, int]]) -> int:
+    """Delete the buckets that have refilled since their last use, whichever of
+    the (rate, burst) `limits` they belong to; how many went."""
+    idle = max(burst / rate for rate, burst in limits)
+    return conn.execute(query("rate_bucket_prune"), {"idle_seconds": idle}).rowcount
+
+
+class PruneClock:
+    """Says when a process's turn to prune has come: once per `every` seconds."""
+
+    def __init__(self, every: float):
+        self._every = every
+        self._next = time.monotonic() + every
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self._every
+            return True

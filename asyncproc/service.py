@@ -10,11 +10,12 @@ from uuid import UUID
 import psycopg
 import psycopg_pool
 
-from asyncproc import jsonb, ledger
+from asyncproc import jsonb, ledger, quotas
 from asyncproc.cache import ResultCache, version_of
 from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
+from asyncproc.quotas import NO_QUOTA, Quota
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,14 @@ def encode_document(task: Task) -> bytes:
     return jsonb.dumps(task_document(task)).encode()
 
 
-def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool]:
+def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask, quota: Quota = NO_QUOTA) -> tuple[Task, bool]:
     """Store and queue one task in a single commit; (task, created).
 
     A repeated Idempotency-Key of the same owner returns the original task,
     provided the request was the same, by value; otherwise it is a conflict.
     """
     with translate_errors(), pool.connection() as conn:
+        quotas.check_active(conn, quota, new.owner, 1)
         task = ledger.task_insert(conn, new)
         if task is not None:
             return task, True
@@ -82,9 +84,12 @@ def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask) -> tuple[Task, bool
     return existing, False
 
 
-def enqueue_batch(pool: psycopg_pool.ConnectionPool, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
+def enqueue_batch(
+    pool: psycopg_pool.ConnectionPool, tasks: list[NewTask], request_id: str | None, quota: Quota = NO_QUOTA
+) -> list[UUID]:
     """Store and queue many tasks in one statement and one commit; their ids in order."""
     with translate_errors(), pool.connection() as conn:
+        quotas.check_active(conn, quota, tasks[0].owner, len(tasks))
         return ledger.task_insert_batch(conn, tasks, request_id)
 
 

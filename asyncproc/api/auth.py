@@ -19,10 +19,13 @@ from asyncproc import keys, ratelimit
 from asyncproc.api import clients, resources
 from asyncproc.db import translate_errors
 from asyncproc.errors import Forbidden, RateLimited, Unauthorized
+from asyncproc.quotas import NO_QUOTA, Quota
 
 # /health for probes and load balancers, /openapi.json for clients.
 OPEN_ENDPOINTS = frozenset({"asyncproc.health", "openapi"})
 METRICS_ENDPOINT = "metrics.metrics"
+# Each API process deletes the buckets that have refilled this often.
+_pruning = ratelimit.PruneClock(60.0)
 
 
 def init_app(app: Flask) -> None:
@@ -32,6 +35,11 @@ def init_app(app: Flask) -> None:
 def current_owner() -> int | None:
     """The calling key's id, for service functions' `owner`; None when access control is off."""
     return g.get("owner")
+
+
+def current_quota() -> Quota:
+    """The calling key's quota; none when access control is off."""
+    return g.get("quota", NO_QUOTA)
 
 
 def client_address() -> str:
@@ -58,7 +66,8 @@ def _admit() -> None:
         _take_token(
             f"addr:{client_address()}", settings.address_rate_limit_per_second, settings.address_rate_limit_burst
         )
-    g.owner = _authenticate()
+    caller = _authenticate()
+    g.owner, g.quota = caller.id, caller.quota
     if settings.rate_limit_per_second is not None:
         _take_token(f"key:{g.owner}", settings.rate_limit_per_second, settings.rate_limit_burst)
 
@@ -75,20 +84,33 @@ def _admit_scraper() -> None:
         raise Unauthorized("Send the metrics token: Authorization: Bearer <ASYNCPROC_METRICS_TOKEN>", invalid_token=bool(sent))
 
 
-def _authenticate() -> int:
+def _authenticate() -> keys.Caller:
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Send an API key: Authorization: Bearer <key>", invalid_token=False)
     with translate_errors(), resources().pool.connection() as conn:
-        owner = keys.verify(conn, key.strip())
-    if owner is None:
+        caller = keys.verify(conn, key.strip())
+    if caller is None:
         raise Unauthorized("The API key is unknown or revoked", invalid_token=True)
-    return owner
+    return caller
 
 
 def _take_token(bucket: str, rate: float, burst: int) -> None:
     with translate_errors(), resources().pool.connection() as conn:
         decision = ratelimit.take(conn, bucket, rate, burst)
+        if _pruning.due():
+            settings = resources().settings
+            ratelimit.prune(
+                conn,
+                [
+                    (limit, size)
+                    for limit, size in (
+                        (settings.rate_limit_per_second, settings.rate_limit_burst),
+                        (settings.address_rate_limit_per_second, settings.address_rate_limit_burst),
+                    )
+                    if limit is not None
+                ],
+            )
     if not decision.allowed:
         raise RateLimited(
             f"Too many requests; retry in {decision.retry_after}s", retry_after=decision.retry_after

@@ -7,10 +7,10 @@ import uuid
 
 from flask import Blueprint, Flask, Response, g, request
 
-from asyncproc import service
+from asyncproc import quotas, service
 from asyncproc.api import resources, validation
 from asyncproc.api.asgi import LOOP_KEY, PARKED_KEY
-from asyncproc.api.auth import client_address, current_owner
+from asyncproc.api.auth import client_address, current_owner, current_quota
 from asyncproc.errors import InvalidRequest, UnsupportedMediaType
 from asyncproc.logs import request_id_var
 from asyncproc.waiting import Parked, run_blocking
@@ -49,14 +49,16 @@ def process():
     if request.mimetype != JSON:
         raise UnsupportedMediaType("Send the body as application/json")
     res = resources()
+    body = validation.parse_json_body(request.get_data())
     new = validation.new_task(
-        validation.parse_json_body(request.get_data()),
+        body,
         default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
         owner=current_owner(),
     )
-    task, created = service.enqueue(res.pool, new)
+    quotas.check_request(current_quota(), [body])
+    task, created = service.enqueue(res.pool, new, current_quota())
     if created:
         log.info("queued task %s (%s)", task.task_id, task.operation)
     body = {
@@ -81,13 +83,15 @@ def process_batch():
             [{"field": "Idempotency-Key"}],
         )
     res = resources()
+    body = validation.parse_json_body(request.get_data())
     batch = validation.new_tasks(
-        validation.parse_json_body(request.get_data()),
+        body,
         default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         request_id=g.request_id,
         owner=current_owner(),
     )
-    task_ids = service.enqueue_batch(res.pool, batch, g.request_id)
+    quotas.check_request(current_quota(), body["tasks"])
+    task_ids = service.enqueue_batch(res.pool, batch, g.request_id, current_quota())
     log.info("queued a batch of %s tasks", len(task_ids))
     return {
         "tasks": [

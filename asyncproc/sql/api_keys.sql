@@ -6,9 +6,20 @@ VALUES (%(name)s, %(key_hash)s)
 RETURNING id
 
 -- name: api_key_get_live
-SELECT id, key_hash
+SELECT id, key_hash, max_active_tasks, max_priority, max_batch_tasks, max_timeout_seconds
 FROM api_keys
 WHERE id = %(id)s AND revoked_at IS NULL
+
+-- name: api_key_set_quota
+UPDATE api_keys
+SET (max_active_tasks, max_priority, max_batch_tasks, max_timeout_seconds) =
+    (%(max_active_tasks)s, %(max_priority)s, %(max_batch_tasks)s, %(max_timeout_seconds)s)
+WHERE name = %(name)s AND revoked_at IS NULL
+RETURNING id
+
+-- name: api_key_lock
+-- Serialises one key's quota checks with its inserts, across API processes.
+SELECT id FROM api_keys WHERE id = %(id)s FOR UPDATE
 
 -- name: api_key_revoke
 UPDATE api_keys
@@ -17,7 +28,7 @@ WHERE name = %(name)s AND revoked_at IS NULL
 RETURNING id
 
 -- name: api_key_list
-SELECT id, name, created_at, revoked_at
+SELECT id, name, created_at, revoked_at, max_active_tasks, max_priority, max_batch_tasks, max_timeout_seconds
 FROM api_keys
 ORDER BY created_at, id
 
@@ -39,3 +50,9 @@ SET (tokens, granted, updated_at) = (
           FROM (SELECT clock_timestamp() AS now) AS t) AS refill
 )
 RETURNING granted, tokens
+
+
+-- name: rate_bucket_prune
+-- A bucket untouched for longer than it takes to refill is full: forgetting it changes nothing.
+DELETE FROM api_rate_buckets
+WHERE updated_at < clock_timestamp() - make_interval(secs => %(idle_seconds)s)

@@ -94,3 +94,9 @@ FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
             %(max_attempts)s::integer[], %(priorities)s::integer[], %(run_ats)s::timestamptz[],
             %(owners)s::bigint[], %(timeouts)s::double precision[])
      AS t(task_id, operation, payload, max_attempts, priority, run_at, owner, timeout_seconds)
+
+-- name: tasks_count_active_of_owner
+-- One key's pending and running tasks, for its quota (tasks_owner_active_idx).
+SELECT count(*) AS n
+FROM tasks
+WHERE owner = %(owner)s AND status IN ('pending', 'running')

@@ -88,5 +88,5 @@ def test_one_rate_limit_holds_across_both_gunicorn_processes(guarded, conn):
     # One shared bucket: the burst plus what refilled, whichever process
     # answered. Separate buckets per process would have let about 2 x BURST in.
     assert BURST <= statuses.count(202) <= BURST + int(RATE * elapsed) + 1
-    owned = conn.execute("SELECT count(*) AS n FROM tasks WHERE owner = %s", (keys.verify(conn, key),)).fetchone()["n"]
+    owned = conn.execute("SELECT count(*) AS n FROM tasks WHERE owner = %s", (keys.verify(conn, key).id,)).fetchone()["n"]
     assert owned == statuses.count(202)

@@ -100,7 +100,7 @@ def test_a_task_is_visible_only_to_the_key_that_created_it(client, clean_db, new
     assert hidden.status_code == missing.status_code == 404
     assert hidden.get_json()["error"]["code"] == missing.get_json()["error"]["code"] == "task_not_found"
     owner = clean_db.execute("SELECT owner FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["owner"]
-    assert owner == keys.verify(clean_db, alice)
+    assert owner == keys.verify(clean_db, alice).id
 
 
 def test_tasks_without_an_owner_are_visible_to_no_key(client, clean_db, new_key):
