@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import tempfile
 
 from gunicorn import glogging
@@ -10,6 +12,8 @@ from gunicorn.app.base import BaseApplication
 
 from asyncproc import logs
 from asyncproc.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ApiServer(BaseApplication):
@@ -62,7 +66,20 @@ def _gunicorn_logger(fmt: str) -> type[glogging.Logger]:
     return Logger
 
 
+def _raise_open_files_limit() -> None:
+    """Each waiting client holds a socket: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files stay limited to %s (%s): fewer clients can wait at once", soft, exc)
+
+
 def run(settings: Settings, bind: str, workers: int) -> None:
+    _raise_open_files_limit()
     # /metrics must add up every gunicorn process. prometheus_client keeps each
     # process's counters in files under PROMETHEUS_MULTIPROC_DIR, which it reads
     # when it is first imported: in the workers, after this fork. One fresh
