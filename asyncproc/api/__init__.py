@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 
 import psycopg_pool
-from flask import Flask, current_app
-from werkzeug.exceptions import HTTPException
+from flask import Flask, current_app, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
@@ -87,11 +87,21 @@ def _asyncproc_error(error: AsyncprocError):
 def _http_error(error: HTTPException):
     status = error.code or 500
     log.warning("%s %s", status, error.name)
-    body = error_body(HTTP_CODES.get(status, "http_error"), error.description)
+    body = error_body(HTTP_CODES.get(status, "http_error"), _http_message(error))
     response = error.get_response()
     response.data = current_app.json.dumps(body)
     response.content_type = "application/json"
     return response
+
+
+def _http_message(error: HTTPException) -> str:
+    """Werkzeug's sentences, reworded like our own messages: what and where."""
+    if isinstance(error, NotFound):
+        return f"No route {request.method} {request.path[:200]}; see /openapi.json"
+    if isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(sorted(set(error.valid_methods or ()) - {"HEAD", "OPTIONS"}))
+        return f"{request.method} is not allowed on {request.path[:200]}; use {allowed}"
+    return error.description or error.name
 
 
 def _unexpected_error(error: Exception):

@@ -102,3 +102,13 @@ def test_a_replay_compares_the_whole_request_by_value(app, clean_db, first, agai
         assert answer.status_code == 409
         assert answer.get_json()["error"]["code"] == "conflict"
     assert clean_db.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 1
+
+
+def test_404_and_405_are_worded_like_every_other_error(app):
+    client = app.test_client()
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.get_json()["error"] == {"code": "not_found", "message": "No route GET /nowhere; see /openapi.json"}
+    wrong = client.delete("/process")
+    assert wrong.status_code == 405
+    assert wrong.get_json()["error"] == {"code": "method_not_allowed", "message": "DELETE is not allowed on /process; use POST"}
