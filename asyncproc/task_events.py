@@ -91,7 +91,7 @@ class TaskEvents:
         for event in watchers:
             event.set()
 
-    def _wake_everyone(self) -> None:
+    def wake_everyone(self) -> None:
         with self._lock:
             watchers = [event for events in self._watchers.values() for event in events]
         for event in watchers:
@@ -106,7 +106,7 @@ class TaskEvents:
             except Exception as exc:
                 self.health.failed(exc)
                 self._connected.clear()
-                self._wake_everyone()
+                self.wake_everyone()
                 self._stop.wait(self.health.backoff(_RECONNECT_SECONDS))
         self._connected.clear()
 
@@ -117,7 +117,7 @@ class TaskEvents:
             self.health.succeeded()
             log.info("listening for task changes")
             # Anything announced while we were away is lost: look again.
-            self._wake_everyone()
+            self.wake_everyone()
             while not self._stop.is_set():
                 for notify in conn.notifies(timeout=1.0):
                     parsed = parse_notification(notify.payload)

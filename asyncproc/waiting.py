@@ -84,10 +84,17 @@ class Waiters:
         self._count = 0
         self._per_key: Counter[str] = Counter()
         self._readers = ThreadPoolExecutor(_READER_THREADS, thread_name_prefix="waiter-read")
+        self._stopping = False
 
     @property
     def count(self) -> int:
         return self._count
+
+    def stop_waiting(self) -> None:
+        """The server is stopping: long polls answer now with the task as it is,
+        and streams end with `retry:`, so that clients come back to another process."""
+        self._stopping = True
+        self._events.wake_everyone()
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
@@ -132,7 +139,7 @@ class Waiters:
         changed = _LoopEvent()
         with self._events.watch(task_id, changed):
             document, finished = await self._lookup(task_id, owner)
-            while not finished and (remaining := deadline - time.monotonic()) > 0:
+            while not finished and not self._stopping and (remaining := deadline - time.monotonic()) > 0:
                 await _wait(changed.event, self._events.wait_slice(remaining))
                 document, finished = await self._lookup(task_id, owner)
         yield document
@@ -160,7 +167,7 @@ class Waiters:
                 if finished:
                     return
                 remaining = ends_at - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._stopping:
                     yield f"retry: {STREAM_RETRY_MILLISECONDS}\n\n".encode()
                     return
                 await _wait(changed.event, min(STREAM_POLL_SECONDS, remaining))

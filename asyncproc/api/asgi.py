@@ -267,6 +267,11 @@ class Worker(gasgi.ASGIWorker):
         super().__init__(*args, **kwargs)
         self.connections_by_address: Counter[str] = Counter()
 
+    async def _shutdown(self) -> None:
+        # Parked clients would hold the graceful shutdown to its timeout: answer them first.
+        self.asgi.app.extensions["asyncproc"].waiters.stop_waiting()
+        await super()._shutdown()
+
     def init_process(self) -> None:
         # The worker builds its connections from this module-level name; it has no setting for it.
         gasgi.ASGIProtocol = _Protocol

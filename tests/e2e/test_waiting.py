@@ -207,3 +207,29 @@ def test_an_event_stream_ends_at_its_maximum_length_and_resumes_without_repeats(
     # Nothing changed since that event: the resumed stream does not send it again.
     assert "event: task" not in resumed
     assert resumed.rstrip().endswith("retry: 1000")
+
+
+def test_a_stopping_api_answers_its_waiting_clients_and_exits_promptly(tmp_path, database_url, redis_url):
+    service, processes = start_service(tmp_path, database_url, redis_url)
+    api_process = processes[0]
+    try:
+        task_id = service.submit({"data": {"operation": "sleep", "seconds": 1}, "delay_seconds": 3600})
+        waiters = [_connect(service, f"127.0.2.{index}") for index in range(1, 6)]
+        for sock in waiters:
+            sock.sendall(f"GET /results/{task_id}?wait=60 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        stream = _connect(service, "127.0.2.99")
+        stream.sendall(f"GET /results/{task_id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert b"event: task" in stream.recv(65536)
+        started = time.monotonic()
+        api_process.terminate()
+        for sock in waiters:
+            with sock:
+                status, _, body = _parse(_read_all(sock))
+            assert (status, json.loads(body)["status"]) == (200, "pending")
+        with stream:
+            assert b"retry: " in _read_all(stream)
+        assert api_process.wait(10) == 0
+        # Well within gunicorn's graceful timeout (10 s), which parked clients would otherwise take.
+        assert time.monotonic() - started < 5
+    finally:
+        stop_service(processes)
