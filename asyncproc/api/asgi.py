@@ -53,7 +53,8 @@ class WsgiBridge:
         if scope["type"] != "http":
             return
         try:
-            body = await asyncio.wait_for(self._read_body(receive), self._body_timeout)
+            async with asyncio.timeout(self._body_timeout):
+                body = await self._read_body(receive)
         except TimeoutError:
             await _send_error(send, RequestTimeout(f"The body did not arrive within {self._body_timeout:g}s"))
             return
