@@ -89,10 +89,11 @@ def test_hundreds_of_long_polls_leave_the_api_free_and_all_wake_on_the_change(ap
     task_id = api.submit({"data": {"operation": "sleep", "seconds": 1}, "delay_seconds": 3600})
     request = f"GET /results/{task_id}?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     # Each waiter from a loopback address of its own, below the cap per address.
-    waiters = [_connect(api, f"127.0.1.{index}") for index in range(1, WAITERS + 1)]
+    waiters = []
     try:
-        for sock in waiters:
-            sock.sendall(request)
+        for index in range(1, WAITERS + 1):
+            waiters.append(_connect(api, f"127.0.1.{index}"))
+            waiters[-1].sendall(request)
         # Every waiter is parked: the API still answers at once (16 threads would all be taken).
         assert _timed(lambda: api.health().raise_for_status()) < 2
         posted = api.post({"data": {"operation": "sleep", "seconds": 0}})
