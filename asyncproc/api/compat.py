@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, AsyncIterator
 
 from flask import Flask, Response, request
 
+from asyncproc.api.asgi import PARKED_KEY
 from asyncproc.config import Settings
 
 # The seed documents three statuses; a claimed task is still "pending" to it,
@@ -34,6 +35,12 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def _to_seed(response: Response) -> Response:
+    parked = request.environ.get(PARKED_KEY)
+    if parked is not None:
+        # A long poll's document comes later (asyncproc.waiting): reshape it then.
+        if request.endpoint == "asyncproc.results":
+            parked.chunks = _seed_documents(parked.chunks)
+        return response
     if response.mimetype != "application/json" or response.is_streamed:
         return response
     if response.status_code < 400 and request.endpoint not in SEED_ENDPOINTS:
@@ -50,6 +57,14 @@ def _to_seed(response: Response) -> Response:
     elif request.endpoint == "asyncproc.results":
         _set_json(response, seed_task(body))
     return response
+
+
+async def _seed_documents(documents: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for document in documents:
+            yield json.dumps(seed_task(json.loads(document)), separators=(",", ":")).encode()
+    finally:
+        await documents.aclose()
 
 
 def _set_json(response: Response, body: Any) -> None:

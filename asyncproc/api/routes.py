@@ -134,10 +134,11 @@ def _waiter_key() -> str:
 
 def _parked(chunks, release, mimetype: str) -> Response:
     """A response whose body comes later: parked on the server's event loop
-    when there is one (asyncproc.api.asgi), else produced on this thread."""
+    when there is one (asyncproc.api.asgi), else produced on this thread.
+    Until then, after_request hooks may wrap its chunks (see compat)."""
     parked = Parked(chunks, release)
+    request.environ[PARKED_KEY] = parked
     if LOOP_KEY in request.environ:
-        request.environ[PARKED_KEY] = parked
         return Response(b"", mimetype=mimetype)
     return Response(run_blocking(parked), mimetype=mimetype)
 
