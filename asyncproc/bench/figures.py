@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import math
-import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import psycopg
 
 from asyncproc import db
-from asyncproc.bench import loadgen
+from asyncproc.bench import loadgen, siege
 from asyncproc.bench.harness import Harness
 from asyncproc.polling import wait_until
 from asyncproc.bench.plain_worker import QUEUE as PLAIN_QUEUE, TASK_NAME as PLAIN_TASK
@@ -282,96 +281,6 @@ def _timed_gets(client, path: str, samples: int, before=None) -> list[float]:
 
 # -- figure 9: POST while many clients wait and many are slow -------------
 
-def _loopback(group: int, index: int) -> str:
-    """A loopback source address of its own per client: caps are per address."""
-    return f"127.{group}.{1 + index // 250}.{1 + index % 250}"
-
-
-async def _waiter(port: int, index: int, path: str, stop: asyncio.Event, early: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(_loopback(10, index), 0))
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-    try:
-        reading = asyncio.ensure_future(reader.read(1))
-        await asyncio.wait({reading, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        if reading.done():
-            early.append(index)
-        reading.cancel()
-    finally:
-        writer.close()
-
-
-async def _slow_client(port: int, index: int, stop: asyncio.Event) -> None:
-    """Sends a request a few bytes a second, half of them stuck in the headers,
-    half in the body; starts over when the server cuts it off."""
-    head = b"POST /process HTTP/1.1\r\nHost: bench\r\n"
-    if index % 2:
-        head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-    while not stop.is_set():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(_loopback(20, index), 0))
-        try:
-            writer.write(head)
-            while not stop.is_set():
-                try:
-                    if not await asyncio.wait_for(reader.read(65536), 0.5):
-                        break
-                    break  # an answer (408): the server let go of us
-                except TimeoutError:
-                    writer.write(b" " if index % 2 else b"X-Slow: 1\r\n")
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
-class Siege:
-    """`waiters` long polls on a task that does not finish and `slow` slow
-    clients, held open on a thread of their own for the length of a with block."""
-
-    def __init__(self, port: int, task_id: str, waiters: int, slow: int):
-        self._args = (port, task_id, waiters, slow)
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="siege", daemon=True)
-        self.early: list[int] = []
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # reported by __exit__ in the caller's thread
-            self.error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        port, task_id, waiters, slow = self._args
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        path = f"/results/{task_id}?wait=60"
-        tasks = [asyncio.ensure_future(_waiter(port, index, path, self._stop, self.early)) for index in range(waiters)]
-        tasks += [asyncio.ensure_future(_slow_client(port, index, self._stop)) for index in range(slow)]
-        # Every connection is open and its request sent before the measurement starts.
-        await asyncio.sleep(1.0)
-        self._ready.set()
-        await asyncio.gather(*tasks)
-
-    def __enter__(self) -> "Siege":
-        self._thread.start()
-        self._ready.wait(60)
-        if self.error is not None:
-            raise RuntimeError(f"the siege could not start: {self.error}") from self.error
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        if self.error is not None:
-            raise RuntimeError(f"the siege failed: {self.error}") from self.error
-        if self.early:
-            raise RuntimeError(f"{len(self.early)} waiting clients were answered before the task finished")
-
-
 def post_latency_under_siege(port: int, waiters: int, slow: int, samples: int) -> tuple[list[float], list[float]]:
     """(idle, besieged): POST /process latencies from one client, alone and then
     with `waiters` long polls and `slow` slow clients held open, in one run."""
@@ -381,6 +290,6 @@ def post_latency_under_siege(port: int, waiters: int, slow: int, samples: int) -
     connection.close()
     if status != 202:
         raise RuntimeError(f"POST /process answered {status}: {body[:200]!r}")
-    with Siege(port, json.loads(body)["task_id"], waiters, slow):
+    with siege.Siege(port, json.loads(body)["task_id"], waiters, slow):
         besieged = post_latencies(port, samples)
     return idle, besieged
