@@ -242,3 +242,7 @@ async def tasks_sweep(conn: psycopg.AsyncConnection, stalled_seconds: float) -> 
 
 def tasks_count_active_of_owner(conn: psycopg.Connection, owner: int) -> int:
     return conn.execute(query("tasks_count_active_of_owner"), {"owner": owner}).fetchone()["n"]
+
+
+def tasks_get_many(conn: psycopg.Connection, task_ids: list[UUID]) -> list[Task]:
+    return [Task(**row) for row in conn.execute(query("tasks_get_many"), {"task_ids": task_ids})]

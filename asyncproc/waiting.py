@@ -13,10 +13,12 @@ control is off); beyond them a client is told when to come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
@@ -24,20 +26,24 @@ from uuid import UUID
 
 import psycopg_pool
 
-from asyncproc import service
+from asyncproc import ledger, service
 from asyncproc.cache import ResultCache
-from asyncproc.errors import TooManyWaiters, WaitersFull
-from asyncproc.task_events import TaskEvents
+from asyncproc.db import translate_errors
+from asyncproc.errors import DatabaseUnavailable, TooManyWaiters, WaitersFull
+from asyncproc.task_events import TaskEvents, Wakeable
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15.0
 # The claim of a task is not announced (see the tasks_notify_changed trigger),
-# so a stream also re-reads its task this often.
+# so one thread per process reads every streamed task this often, in one query,
+# and wakes the streams whose task changed.
 STREAM_POLL_SECONDS = 1.0
 # What a client is told to wait before trying again when the waiters are full.
 RETRY_AFTER_SECONDS = 5
 # An event stream that ends at its maximum length asks the client to reconnect after this.
 STREAM_RETRY_MILLISECONDS = 1000
-_READER_THREADS = 4
+READER_THREADS = 4
 
 
 @dataclass
@@ -56,7 +62,12 @@ class _LoopEvent:
         self.event = asyncio.Event()
 
     def set(self) -> None:
-        self._loop.call_soon_threadsafe(self.event.set)
+        try:
+            self._loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:
+            # Its loop has closed (a request served without our server has ended):
+            # there is nobody left to wake.
+            pass
 
 
 def event_id(document: bytes) -> str:
@@ -83,8 +94,12 @@ class Waiters:
         self._lock = threading.Lock()
         self._count = 0
         self._per_key: Counter[str] = Counter()
-        self._readers = ThreadPoolExecutor(_READER_THREADS, thread_name_prefix="waiter-read")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="waiter-read")
         self._stopping = False
+        # Each event stream's wake-up and the id of the last document it sent, per task.
+        self._streams: dict[UUID, dict[Wakeable, str | None]] = defaultdict(dict)
+        self._closed = threading.Event()
+        threading.Thread(target=self._poll_streams, name="stream-poll", daemon=True).start()
 
     @property
     def count(self) -> int:
@@ -97,6 +112,7 @@ class Waiters:
         self._events.wake_everyone()
 
     def close(self) -> None:
+        self._closed.set()
         self._readers.shutdown(wait=False, cancel_futures=True)
 
     def admit(self, key: str) -> Callable[[], None]:
@@ -153,12 +169,13 @@ class Waiters:
         ends_at = time.monotonic() + self._stream_max_seconds
         changed = _LoopEvent()
         sent = last_event_id
-        with self._events.watch(task_id, changed):
+        with self._events.watch(task_id, changed), self._polled(task_id, changed) as polled:
             quiet_since = time.monotonic()
             while True:
                 document, finished = await self._lookup(task_id, owner)
                 if event_id(document) != sent:
                     sent = event_id(document)
+                    polled(sent)
                     quiet_since = time.monotonic()
                     yield f"id: {sent}\nevent: task\ndata: ".encode() + document + b"\n\n"
                 elif time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
@@ -170,7 +187,45 @@ class Waiters:
                 if remaining <= 0 or self._stopping:
                     yield f"retry: {STREAM_RETRY_MILLISECONDS}\n\n".encode()
                     return
-                await _wait(changed.event, min(STREAM_POLL_SECONDS, remaining))
+                keepalive_due = KEEPALIVE_SECONDS - (time.monotonic() - quiet_since)
+                await _wait(changed.event, min(keepalive_due, self._events.wait_slice(remaining)))
+
+    @contextlib.contextmanager
+    def _polled(self, task_id: UUID, changed: Wakeable) -> Iterator[Callable[[str], None]]:
+        """Watch the task in the stream poller; yields how to tell it what was sent."""
+
+        def sent(document_id: str) -> None:
+            with self._lock:
+                self._streams[task_id][changed] = document_id
+
+        with self._lock:
+            self._streams[task_id][changed] = None
+        try:
+            yield sent
+        finally:
+            with self._lock:
+                del self._streams[task_id][changed]
+                if not self._streams[task_id]:
+                    del self._streams[task_id]
+
+    def _poll_streams(self) -> None:
+        while not self._closed.wait(STREAM_POLL_SECONDS):
+            with self._lock:
+                watched = {task_id: dict(streams) for task_id, streams in self._streams.items()}
+            if not watched:
+                continue
+            try:
+                with translate_errors(), self._pool.connection() as conn:
+                    tasks = ledger.tasks_get_many(conn, list(watched))
+            except DatabaseUnavailable as exc:
+                # The listener is lost too, then: streams re-read on their own (wait_slice).
+                log.debug("the stream poller cannot read the database: %s", exc.message)
+                continue
+            current = {task.task_id: event_id(service.encode_document(task)) for task in tasks}
+            for task_id, streams in watched.items():
+                for changed, sent in streams.items():
+                    if current.get(task_id) != sent:
+                        changed.set()
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

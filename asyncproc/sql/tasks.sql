@@ -100,3 +100,11 @@ FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
 SELECT count(*) AS n
 FROM tasks
 WHERE owner = %(owner)s AND status IN ('pending', 'running')
+
+-- name: tasks_get_many
+-- The tasks that event streams watch, read together once a second (asyncproc.waiting).
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM tasks
+WHERE task_id = ANY(%(task_ids)s)
