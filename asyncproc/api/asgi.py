@@ -54,7 +54,7 @@ class WsgiBridge:
             return
         try:
             async with asyncio.timeout(self._body_timeout):
-                body = await self._read_body(receive)
+                body = await self._read_body(receive, scope["headers"])
         except TimeoutError:
             await _send_error(send, RequestTimeout(f"The body did not arrive within {self._body_timeout:g}s"))
             return
@@ -75,7 +75,10 @@ class WsgiBridge:
         headers = [(name, value) for name, value in headers if name != b"content-length"]
         await _send_parked(receive, send, status, headers, parked)
 
-    async def _read_body(self, receive) -> bytes:
+    async def _read_body(self, receive, headers: list[tuple[bytes, bytes]]) -> bytes:
+        declared = dict(headers).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise BodyTooLarge(f"The body is larger than {self._max_body} bytes")
         # However the body is framed (Content-Length or chunked), it is counted as it comes.
         chunks = []
         size = 0

@@ -234,3 +234,11 @@ def test_a_stopping_api_answers_its_waiting_clients_and_exits_promptly(tmp_path,
         assert time.monotonic() - started < 5
     finally:
         stop_service(processes)
+
+
+def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(api):
+    with _connect(api) as sock:
+        sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999\r\n\r\n")
+        status, _, body = _parse(_read_all(sock))
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "body_too_large"
