@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # v2: a hash {v: version, d: document}; "d" empty for a tombstone.
 KEY_PREFIX = "asyncproc:result:v2:"
 COOL_DOWN_SECONDS = 1.0
+# A tombstone only has to outlive the readers that read the row before the
+# change (each bounded by the statement timeout): a minute, not the result TTL.
+TOMBSTONE_TTL_SECONDS = 60
 # KEYS[1]: the entry; ARGV: version, document ("" for a tombstone), ttl.
 _PUT_IF_NEWER = """
 local current = redis.call('HGET', KEYS[1], 'v')
@@ -109,17 +112,17 @@ class ResultCache:
     def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if not self._available():
             return
-        self._put(task_id, version_of(updated_at), document, "put")
+        self._put(task_id, version_of(updated_at), document, self.ttl_seconds, "put")
 
     def invalidate(self, task_id: UUID, version: int) -> None:
         """Forget the task's cached state, and refuse any put older than
         `version` (see version_of), the version of its new state."""
         if self._client is not None:
-            self._put(task_id, version - 1, b"", "invalidate")
+            self._put(task_id, version - 1, b"", TOMBSTONE_TTL_SECONDS, "invalidate")
 
-    def _put(self, task_id: UUID, version: int, document: bytes, action: str) -> None:
+    def _put(self, task_id: UUID, version: int, document: bytes, ttl: int, action: str) -> None:
         try:
-            self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, self.ttl_seconds])
+            self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, ttl])
         except redis.RedisError as exc:
             self._breaker.failed(action, exc)
             return
@@ -154,15 +157,15 @@ class AsyncResultCache:
     async def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if self._client is None or not self._breaker.closed():
             return
-        await self._put(task_id, version_of(updated_at), document, "put")
+        await self._put(task_id, version_of(updated_at), document, self.ttl_seconds, "put")
 
     async def invalidate(self, task_id: UUID, version: int) -> None:
         if self._client is not None:
-            await self._put(task_id, version - 1, b"", "invalidate")
+            await self._put(task_id, version - 1, b"", TOMBSTONE_TTL_SECONDS, "invalidate")
 
-    async def _put(self, task_id: UUID, version: int, document: bytes, action: str) -> None:
+    async def _put(self, task_id: UUID, version: int, document: bytes, ttl: int, action: str) -> None:
         try:
-            await self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, self.ttl_seconds])
+            await self._put_if_newer(keys=[KEY_PREFIX + str(task_id)], args=[version, document, ttl])
         except (redis.RedisError, OSError) as exc:
             self._breaker.failed(action, exc)
             return

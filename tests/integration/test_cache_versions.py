@@ -64,3 +64,11 @@ def test_a_retry_from_psql_invalidates_with_its_version_so_a_late_stale_put_is_r
         assert app.test_client().get(f"/results/{task_id}").get_json()["status"] == "pending"
     finally:
         res.close()
+
+
+def test_a_tombstone_lives_a_minute_not_the_result_ttl(redis_url):
+    cache = ResultCache(redis_url, 3600)
+    task_id = uuid.uuid4()
+    cache.invalidate(task_id, version_of(T1))
+    ttl = cache._client.ttl(f"asyncproc:result:v2:{task_id}")
+    assert 0 < ttl <= 60
