@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "asyncproc_task_changed"
 _RECONNECT_SECONDS = 1.0
-# While the listener is away, waiters re-read the database this often instead.
-_DEGRADED_POLL_SECONDS = 0.5
 
 
 class Wakeable(Protocol):
@@ -62,10 +60,6 @@ class TaskEvents:
         if self.connected:
             return "ok"
         return self.health.state if self.health.failing else "connecting"
-
-    def wait_slice(self, remaining: float) -> float:
-        """How long a waiter may sleep before it must look at the database again."""
-        return remaining if self.connected else min(remaining, _DEGRADED_POLL_SECONDS)
 
     @contextlib.contextmanager
     def watch(self, task_id: UUID, event: Wakeable | None = None) -> Iterator[Wakeable]:

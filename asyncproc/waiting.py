@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
 # The claim of a task is not announced (see the tasks_notify_changed trigger),
 # so one thread per process reads every streamed task this often, in one query,
-# and wakes the streams whose task changed.
-STREAM_POLL_SECONDS = 1.0
+# and wakes the streams whose task changed; while the listener is away, it
+# reads the long polls' tasks too. Thousands of waiters cost one query a second.
+POLL_SECONDS = 1.0
 # What a client is told to wait before trying again when the waiters are full.
 RETRY_AFTER_SECONDS = 5
 # An event stream that ends at its maximum length asks the client to reconnect after this.
@@ -96,10 +97,12 @@ class Waiters:
         self._per_key: Counter[str] = Counter()
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="waiter-read")
         self._stopping = False
-        # Each event stream's wake-up and the id of the last document it sent, per task.
+        # Per task, each waiter's wake-up and the id of the last document it saw;
+        # streams in one, long polls in the other.
         self._streams: dict[UUID, dict[Wakeable, str | None]] = defaultdict(dict)
+        self._polls: dict[UUID, dict[Wakeable, str | None]] = defaultdict(dict)
         self._closed = threading.Event()
-        threading.Thread(target=self._poll_streams, name="stream-poll", daemon=True).start()
+        threading.Thread(target=self._poll_forever, name="waiter-poll", daemon=True).start()
 
     @property
     def count(self) -> int:
@@ -153,10 +156,11 @@ class Waiters:
         """Yields the task's document once: as soon as it is finished, or after `seconds`."""
         deadline = time.monotonic() + seconds
         changed = _LoopEvent()
-        with self._events.watch(task_id, changed):
+        with self._events.watch(task_id, changed), self._polled(self._polls, task_id, changed) as seen:
             document, finished = await self._lookup(task_id, owner)
             while not finished and not self._stopping and (remaining := deadline - time.monotonic()) > 0:
-                await _wait(changed.event, self._events.wait_slice(remaining))
+                seen(event_id(document))
+                await _wait(changed.event, remaining)
                 document, finished = await self._lookup(task_id, owner)
         yield document
 
@@ -169,13 +173,13 @@ class Waiters:
         ends_at = time.monotonic() + self._stream_max_seconds
         changed = _LoopEvent()
         sent = last_event_id
-        with self._events.watch(task_id, changed), self._polled(task_id, changed) as polled:
+        with self._events.watch(task_id, changed), self._polled(self._streams, task_id, changed) as seen:
             quiet_since = time.monotonic()
             while True:
                 document, finished = await self._lookup(task_id, owner)
                 if event_id(document) != sent:
                     sent = event_id(document)
-                    polled(sent)
+                    seen(sent)
                     quiet_since = time.monotonic()
                     yield f"id: {sent}\nevent: task\ndata: ".encode() + document + b"\n\n"
                 elif time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
@@ -188,43 +192,49 @@ class Waiters:
                     yield f"retry: {STREAM_RETRY_MILLISECONDS}\n\n".encode()
                     return
                 keepalive_due = KEEPALIVE_SECONDS - (time.monotonic() - quiet_since)
-                await _wait(changed.event, min(keepalive_due, self._events.wait_slice(remaining)))
+                await _wait(changed.event, min(keepalive_due, remaining))
 
     @contextlib.contextmanager
-    def _polled(self, task_id: UUID, changed: Wakeable) -> Iterator[Callable[[str], None]]:
-        """Watch the task in the stream poller; yields how to tell it what was sent."""
+    def _polled(
+        self, watched: dict[UUID, dict[Wakeable, str | None]], task_id: UUID, changed: Wakeable
+    ) -> Iterator[Callable[[str], None]]:
+        """Register with the poller; yields how to tell it which document was seen."""
 
-        def sent(document_id: str) -> None:
+        def seen(document_id: str) -> None:
             with self._lock:
-                self._streams[task_id][changed] = document_id
+                watched[task_id][changed] = document_id
 
         with self._lock:
-            self._streams[task_id][changed] = None
+            watched[task_id][changed] = None
         try:
-            yield sent
+            yield seen
         finally:
             with self._lock:
-                del self._streams[task_id][changed]
-                if not self._streams[task_id]:
-                    del self._streams[task_id]
+                del watched[task_id][changed]
+                if not watched[task_id]:
+                    del watched[task_id]
 
-    def _poll_streams(self) -> None:
-        while not self._closed.wait(STREAM_POLL_SECONDS):
+    def _poll_forever(self) -> None:
+        while not self._closed.wait(POLL_SECONDS):
             with self._lock:
-                watched = {task_id: dict(streams) for task_id, streams in self._streams.items()}
+                groups = [self._streams] if self._events.connected else [self._streams, self._polls]
+                watched: dict[UUID, dict[Wakeable, str | None]] = defaultdict(dict)
+                for group in groups:
+                    for task_id, waiters in group.items():
+                        watched[task_id].update(waiters)
             if not watched:
                 continue
             try:
                 with translate_errors(), self._pool.connection() as conn:
                     tasks = ledger.tasks_get_many(conn, list(watched))
             except DatabaseUnavailable as exc:
-                # The listener is lost too, then: streams re-read on their own (wait_slice).
-                log.debug("the stream poller cannot read the database: %s", exc.message)
+                # Waiters keep what they have; the next round tries again.
+                log.debug("the waiter poller cannot read the database: %s", exc.message)
                 continue
             current = {task.task_id: event_id(service.encode_document(task)) for task in tasks}
-            for task_id, streams in watched.items():
-                for changed, sent in streams.items():
-                    if current.get(task_id) != sent:
+            for task_id, waiters in watched.items():
+                for changed, seen in waiters.items():
+                    if current.get(task_id) != seen:
                         changed.set()
 
 
