@@ -15,7 +15,7 @@ from asyncproc.db import open_pool
 from asyncproc.errors import HTTP_CODES, AsyncprocError, ConfigError, error_body
 from asyncproc.operations import load_user_module
 from asyncproc.task_events import TaskEvents
-from asyncproc.waiting import READER_THREADS, Waiters
+from asyncproc.waiting import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
-    # One connection per request thread, and one per waiter reader (asyncproc.waiting).
-    pool = open_pool(settings, "asyncproc-api", settings.api_threads + READER_THREADS)
+    # One connection per request thread; the waiters' few reads borrow from the same
+    # pool, so that waiting adds nothing to docs/deployment.md's connection budget.
+    pool = open_pool(settings, "asyncproc-api", settings.api_threads)
     events = TaskEvents(settings, cache).start()
     app.extensions["asyncproc"] = Resources(
         settings=settings,
