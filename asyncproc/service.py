@@ -16,6 +16,7 @@ from asyncproc.db import translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
 from asyncproc.quotas import NO_QUOTA, Quota
+from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
