@@ -55,7 +55,8 @@ def _start(command: list[str], env: dict[str, str], log_path: Path) -> subproces
 def _healthy(url: str) -> bool:
     try:
         return requests.get(f"{url}/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
+        # Not listening yet, or still starting on a busy machine: look again.
         return False
 
 
