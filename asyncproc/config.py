@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -96,6 +97,12 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     # /metrics needs this bearer token when set; without it, it is open only when auth is off.
     metrics_token: str | None = None
+    # How long finished tasks stay in `tasks`; None keeps them for ever (docs/retention.md).
+    retain_completed: timedelta | None = timedelta(days=7)
+    retain_failed: timedelta | None = timedelta(days=30)
+    retain_cancelled: timedelta | None = timedelta(days=7)
+    prune_interval_seconds: float = 60.0
+    prune_batch_size: int = 1000
 
     @property
     def auth_required(self) -> bool:
@@ -219,6 +226,13 @@ class Settings:
             ),
             trusted_proxies=reader.networks("ASYNCPROC_TRUSTED_PROXIES"),
             metrics_token=reader.secret("ASYNCPROC_METRICS_TOKEN"),
+            retain_completed=reader.retention("ASYNCPROC_RETAIN_COMPLETED", default.retain_completed),
+            retain_failed=reader.retention("ASYNCPROC_RETAIN_FAILED", default.retain_failed),
+            retain_cancelled=reader.retention("ASYNCPROC_RETAIN_CANCELLED", default.retain_cancelled),
+            prune_interval_seconds=reader.number(
+                "ASYNCPROC_PRUNE_INTERVAL_SECONDS", default.prune_interval_seconds, 1, 86400
+            ),
+            prune_batch_size=reader.integer("ASYNCPROC_PRUNE_BATCH_SIZE", default.prune_batch_size, 1, 100_000),
         )
 
 
@@ -361,3 +375,26 @@ class _Reader:
             return SecondsRange(first, second)
 
         return self._parse(name, default, parse, "seconds, or a range such as 5-10")
+
+    def retention(self, name: str, default: timedelta | None) -> timedelta | None:
+        """A duration such as 90s, 30m, 12h, 7d or 2w, or `forever` (None)."""
+        value = self._raw(name)
+        if value is None:
+            return default
+        if value.lower() == "forever":
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is invalid: expected a duration such as 12h, 7d or 2w, or forever") from None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """30s, 15m, 1h, 2d, 1w, 1.5h; ValueError otherwise."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 30m, 1h or 2d")
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])

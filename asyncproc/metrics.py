@@ -1,8 +1,12 @@
-"""Task and queue metrics computed from the tasks table at scrape time.
+"""Task and queue metrics read from the database at scrape time.
 
 The API and the workers may run as many processes on many hosts; only the
-ledger sees all of them, so per-operation counts and the queue's depth and age
-are read from it when Prometheus scrapes rather than counted in any one process.
+database sees all of them, so per-operation counts and the queue's depth and
+age are read from it when Prometheus scrapes rather than counted in any one
+process. The counts, totals and histograms come from asyncproc_counts, which
+triggers keep exact (migrations/0010_ledger_scale.sql): a scrape costs the
+same at ten rows as at ten million. Totals and histograms only ever grow, as
+Prometheus counters must, whatever is retried, pruned or truncated.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from asyncproc.db import query, translate_errors
 from asyncproc.errors import DatabaseUnavailable
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-# Shared by the ledger's histograms and the worker's, so the two line up.
+# Shared by the ledger's histograms and the worker's, so the two line up; the
+# database's asyncproc_seconds_bounds() holds the same (a test checks).
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -29,7 +34,7 @@ class LedgerCollector(Collector):
         up = GaugeMetricFamily("asyncproc_database_up", "1 when the scrape could read the tasks table, else 0")
         try:
             with translate_errors(), self._pool.connection() as conn:
-                stats = conn.execute(query("metrics_task_stats"), {"buckets": [float(bound) for bound in SECONDS_BUCKETS]}).fetchall()
+                counts = conn.execute(query("metrics_task_counts")).fetchall()
                 queue = conn.execute(query("metrics_queue")).fetchone()
         except DatabaseUnavailable:
             # The scrape still answers with the request metrics; this says why the rest is missing.
@@ -38,57 +43,53 @@ class LedgerCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from _task_families([row for row in stats if row["by_status"]])
+        yield from _task_families(counts)
         yield _histogram(
             "asyncproc_ledger_run_seconds",
-            "Run time of each finished task's last attempt (started_at to completed_at), from the ledger",
-            [row for row in stats if row["by_run"]],
-            "run_bucket",
-            "run_sum",
+            "Run time of the last attempt (started_at to completed_at) of each task that completed or failed",
+            counts,
+            "run",
         )
         yield _histogram(
             "asyncproc_ledger_queue_wait_seconds",
-            "Queue wait of each started task's last attempt (scheduled_at to started_at), from the ledger",
-            [row for row in stats if row["by_wait"]],
-            "wait_bucket",
-            "wait_sum",
+            "Queue wait of the last attempt (scheduled_at to started_at) of each task that completed or failed",
+            counts,
+            "wait",
         )
         yield from _queue_families(queue)
 
 
-def _histogram(name: str, documentation: str, rows: list[dict], bucket_key: str, sum_key: str) -> HistogramMetricFamily:
-    """A histogram from width_bucket counts: bucket k holds values in [bound k-1, bound k)."""
+def _histogram(name: str, documentation: str, counts: list[dict], kind: str) -> HistogramMetricFamily:
+    """From bigint[] histograms: element k counts values in [bound k-1, bound k), the last one >= the last bound."""
     family = HistogramMetricFamily(name, documentation, labels=["operation"])
-    per_operation: dict[str, list[dict]] = {}
-    for row in rows:
-        if row[bucket_key] is not None:  # tasks without that figure yet
-            per_operation.setdefault(row["operation"], []).append(row)
-    for operation, found in sorted(per_operation.items()):
-        counts = {row[bucket_key]: row["tasks"] for row in found}
+    for row in counts:
+        observed = row[f"{kind}_histogram"]
+        if observed is None:  # no task of this operation has finished yet
+            continue
         cumulative, buckets = 0, []
-        for index, bound in enumerate(SECONDS_BUCKETS):
-            cumulative += counts.get(index, 0)
+        for bound, tasks in zip(SECONDS_BUCKETS, observed):
+            cumulative += tasks
             buckets.append((str(float(bound)), cumulative))
-        buckets.append(("+Inf", sum(counts.values())))
-        family.add_metric([operation], buckets, sum(row[sum_key] for row in found))
+        buckets.append(("+Inf", sum(observed)))
+        family.add_metric([row["operation"]], buckets, row[f"{kind}_sum"])
     return family
 
 
 def _task_families(counts: list[dict]) -> list[Metric]:
     by_status = GaugeMetricFamily("asyncproc_tasks", "Tasks in the ledger now, by operation and status", labels=["operation", "status"])
-    enqueued = CounterMetricFamily("asyncproc_tasks_enqueued", "Tasks ever enqueued (rows in tasks), by operation", labels=["operation"])
-    completed = CounterMetricFamily("asyncproc_tasks_completed", "Tasks that completed, by operation", labels=["operation"])
-    failed = CounterMetricFamily("asyncproc_tasks_failed", "Tasks that failed for good, by operation", labels=["operation"])
-    totals: dict[str, dict[str, int]] = {}
+    enqueued = CounterMetricFamily("asyncproc_tasks_enqueued", "Tasks ever enqueued, by operation", labels=["operation"])
+    completed = CounterMetricFamily("asyncproc_tasks_completed", "Times a task completed, by operation", labels=["operation"])
+    failed = CounterMetricFamily("asyncproc_tasks_failed", "Times a task failed for good, by operation", labels=["operation"])
+    cancelled = CounterMetricFamily("asyncproc_tasks_cancelled", "Times a task was cancelled, by operation", labels=["operation"])
     for row in counts:
-        totals.setdefault(row["operation"], dict.fromkeys(STATUSES, 0))[row["status"]] = row["tasks"]
-    for operation, statuses in sorted(totals.items()):
-        for status, tasks in statuses.items():
-            by_status.add_metric([operation, status], tasks)
-        enqueued.add_metric([operation], sum(statuses.values()))
-        completed.add_metric([operation], statuses["completed"])
-        failed.add_metric([operation], statuses["failed"])
-    return [by_status, enqueued, completed, failed]
+        operation = row["operation"]
+        for status in STATUSES:
+            by_status.add_metric([operation, status], row[status])
+        enqueued.add_metric([operation], row["enqueued_total"])
+        completed.add_metric([operation], row["completed_total"])
+        failed.add_metric([operation], row["failed_total"])
+        cancelled.add_metric([operation], row["cancelled_total"])
+    return [by_status, enqueued, completed, failed, cancelled]
 
 
 def _queue_families(queue: dict) -> Iterator[GaugeMetricFamily]:

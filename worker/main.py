@@ -26,6 +26,7 @@ from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
 from worker.metrics import WorkerMetrics
 from worker.pool import ProcessPool
+from worker.pruner import prune_finished
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     ]
     dispatch = LoopHealth("procrastinate worker")
     metrics.watch_loop(dispatch)
+    pruner = asyncio.create_task(prune_finished(settings, pool, stopping), name="pruner")
     log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
     try:
         while not stopping.is_set():
@@ -116,9 +118,9 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
                 log.info("procrastinate worker stopped; restarting it in %ss", RESTART_DELAY_SECONDS)
                 await wait_or_stop(stopping, RESTART_DELAY_SECONDS)
     finally:
-        for loop_task in supervised:
+        for loop_task in [*supervised, pruner]:
             loop_task.cancel()
-        await asyncio.gather(*supervised, return_exceptions=True)
+        await asyncio.gather(*supervised, pruner, return_exceptions=True)
         await processes.close()
         await pool.close(timeout=5)
         await cache.close()

@@ -1,34 +1,21 @@
--- Named queries for GET /metrics, run at scrape time. The tasks table is the
--- ledger of every API and worker process on every host, so figures taken from
--- it are correct however many processes there are.
+-- Named queries for GET /metrics, run at scrape time. The database sees every
+-- API and worker process on every host, so figures taken from it are correct
+-- however many processes there are.
 
--- name: metrics_task_stats
--- One scan of tasks, three groupings: rows per (operation, status), and
--- bucketed run time and queue wait per operation. A task's figures are those
--- of its latest attempt: run = started_at to completed_at of a finished task,
--- wait = scheduled_at (when it became due) to started_at of a task that has
--- started. width_bucket(x, bounds) is the number of bounds <= x.
-SELECT operation, status, run_bucket, wait_bucket,
-       count(*) AS tasks,
-       COALESCE(sum(run_seconds), 0)::float8 AS run_sum,
-       COALESCE(sum(wait_seconds), 0)::float8 AS wait_sum,
-       GROUPING(status) = 0 AS by_status,
-       GROUPING(run_bucket) = 0 AS by_run,
-       GROUPING(wait_bucket) = 0 AS by_wait
-FROM (
-    SELECT operation, status, run_seconds, wait_seconds,
-           width_bucket(run_seconds, %(buckets)s::float8[]) AS run_bucket,
-           width_bucket(wait_seconds, %(buckets)s::float8[]) AS wait_bucket
-    FROM (
-        SELECT operation, status,
-               CASE WHEN status IN ('completed', 'failed')
-                    THEN EXTRACT(EPOCH FROM completed_at - started_at)::float8 END AS run_seconds,
-               CASE WHEN status IN ('running', 'completed', 'failed')
-                    THEN GREATEST(EXTRACT(EPOCH FROM started_at - scheduled_at)::float8, 0) END AS wait_seconds
-        FROM tasks
-    ) AS timed
-) AS bucketed
-GROUP BY GROUPING SETS ((operation, status), (operation, run_bucket), (operation, wait_bucket))
+-- name: metrics_task_counts
+-- Exact counts, totals and histograms per operation, from the per-session
+-- rows the triggers of migrations/0010_ledger_scale.sql keep: a few rows per
+-- operation, however many tasks there are.
+SELECT operation,
+       sum(pending)::bigint AS pending, sum(running)::bigint AS running, sum(completed)::bigint AS completed,
+       sum(failed)::bigint AS failed, sum(cancelled)::bigint AS cancelled,
+       sum(enqueued_total)::bigint AS enqueued_total, sum(completed_total)::bigint AS completed_total,
+       sum(failed_total)::bigint AS failed_total, sum(cancelled_total)::bigint AS cancelled_total,
+       asyncproc_histogram_sum(run_histogram) AS run_histogram, sum(run_sum)::float8 AS run_sum,
+       asyncproc_histogram_sum(wait_histogram) AS wait_histogram, sum(wait_sum)::float8 AS wait_sum
+FROM asyncproc_counts
+GROUP BY operation
+ORDER BY operation
 
 -- name: metrics_queue
 -- Depth counts pending tasks that are due now; tasks scheduled for later are

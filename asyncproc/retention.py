@@ -1,0 +1,100 @@
+"""Retention: delete finished tasks past ASYNCPROC_RETAIN_*, and compact the counts and history.
+
+One pass prunes in bounded batches, each its own short transaction, with a
+pause between batches so that the API's and the workers' commits are never
+queued behind a long run of deletes. Only one session in the fleet prunes at a
+time (a transaction-level advisory lock in asyncproc_prune). Used by the
+worker's pruner loop (worker/pruner.py) and by `asyncproc prune`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import psycopg
+import psycopg_pool
+
+from asyncproc import db
+from asyncproc.config import Settings
+from asyncproc.db import query
+
+log = logging.getLogger(__name__)
+
+# Between two batches: lets queued commits through, and bounds the share of
+# the database's time that pruning takes.
+BATCH_PAUSE_SECONDS = 0.02
+
+
+@dataclass
+class PruneReport:
+    pruned: int = 0
+    batches: int = 0
+    # Another session held the pruning lock, so this pass stopped early.
+    busy: bool = False
+
+
+def keep_parameters(settings: Settings) -> dict[str, Any]:
+    """The retention defaults as query parameters; None (forever) becomes NULL."""
+    return {
+        "keep_completed": settings.retain_completed,
+        "keep_failed": settings.retain_failed,
+        "keep_cancelled": settings.retain_cancelled,
+    }
+
+
+async def prune_pass(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> PruneReport:
+    """Prune until nothing is due (or `stopping` is set), then compact the counts and history."""
+    report = PruneReport()
+    parameters = {**keep_parameters(settings), "batch_size": settings.prune_batch_size}
+    while not stopping.is_set():
+        async with pool.connection() as conn:
+            row = await (await conn.execute(query("retention_prune"), parameters)).fetchone()
+        if row["pruned"] is None:
+            report.busy = True
+            return report
+        report.pruned += row["pruned"]
+        report.batches += 1
+        if row["pruned"] < settings.prune_batch_size:
+            break
+        await asyncio.sleep(BATCH_PAUSE_SECONDS)
+    async with pool.connection() as conn:
+        await conn.execute(query("retention_compact"))
+    return report
+
+
+def due(conn: psycopg.Connection, settings: Settings) -> list[dict[str, Any]]:
+    """Per (operation, status): its retention and how many rows a prune would delete now."""
+    return conn.execute(query("retention_due"), keep_parameters(settings)).fetchall()
+
+
+def _keep_text(keep) -> str:
+    return "forever" if keep is None else str(keep)
+
+
+def run(settings: Settings, dry_run: bool, out: TextIO) -> int:
+    """`asyncproc prune [--dry-run]`."""
+    if dry_run:
+        with db.connect(settings.database_url, settings, "asyncproc-prune") as conn:
+            rows = due(conn, settings)
+        for row in rows:
+            print(f"{row['operation']}\t{row['status']}\tkeep {_keep_text(row['keep'])}\t{row['due'] or 0} due", file=out)
+        print(f"would prune {sum(row['due'] or 0 for row in rows)} task(s)", file=out)
+        return 0
+    report = asyncio.run(_prune_now(settings))
+    if report.busy:
+        print(f"pruned {report.pruned} task(s), then stopped: another session is pruning", file=out)
+    else:
+        print(f"pruned {report.pruned} task(s)", file=out)
+    return 0
+
+
+async def _prune_now(settings: Settings) -> PruneReport:
+    pool = db.async_pool(settings, "asyncproc-prune", 1)
+    await pool.open(wait=True)
+    try:
+        return await prune_pass(settings, pool, asyncio.Event())
+    finally:
+        await pool.close()

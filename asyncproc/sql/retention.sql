@@ -1,0 +1,15 @@
+-- Named queries of the pruner and `asyncproc prune` (migrations/0010_ledger_scale.sql
+-- holds the functions; docs/retention.md explains them).
+
+-- name: retention_prune
+-- One bounded batch in one short transaction; NULL when another session prunes.
+SELECT asyncproc_prune(%(keep_completed)s::interval, %(keep_failed)s::interval, %(keep_cancelled)s::interval,
+                       %(batch_size)s) AS pruned
+
+-- name: retention_due
+SELECT operation, status, keep, due
+FROM asyncproc_prune_due(%(keep_completed)s::interval, %(keep_failed)s::interval, %(keep_cancelled)s::interval)
+
+-- name: retention_compact
+-- Folds every session's count and history rows into one, and old minutes into hours and days.
+SELECT asyncproc_compact()
