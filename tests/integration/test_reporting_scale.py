@@ -18,8 +18,8 @@ ROWS = 1_000_000
 BUDGET_MS = 200.0
 LAST_MONTH = (
     "SELECT operation, status, sum(count) AS tasks FROM asyncproc_history"
-    " WHERE bucket_start >= date_trunc('month', now(), 'UTC') - interval '1 month'"
-    " AND bucket_start < date_trunc('month', now(), 'UTC') GROUP BY operation, status"
+    " WHERE bucket_start >= (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month') AT TIME ZONE 'UTC'"
+    " AND bucket_start < date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' GROUP BY operation, status"
 )
 
 # (question, query, must it use an index?, budget in ms)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 
@@ -63,6 +64,11 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_HANDLER_MEMORY_MB", "8"),
         ("ASYNCPROC_HANDLER_MEMORY_MB", "1.5"),
         ("ASYNCPROC_UNKNOWN_OPERATION_GRACE", "-5"),
+        ("ASYNCPROC_RETAIN_COMPLETED", "7"),
+        ("ASYNCPROC_RETAIN_FAILED", "a month"),
+        ("ASYNCPROC_RETAIN_CANCELLED", "-1d"),
+        ("ASYNCPROC_PRUNE_BATCH_SIZE", "0"),
+        ("ASYNCPROC_PRUNE_INTERVAL_SECONDS", "0"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
@@ -168,3 +174,13 @@ def test_handler_limits_and_the_unknown_operation_grace_are_read():
     default = Settings.from_env({})
     assert (default.handler_timeout_seconds, default.handler_memory_mb) == (600, None)
     assert default.unknown_operation_grace_seconds == 900
+def test_retention_defaults_and_durations():
+    default = Settings.from_env({})
+    assert (default.retain_completed, default.retain_failed, default.retain_cancelled) == (
+        timedelta(days=7), timedelta(days=30), timedelta(days=7))
+    settings = Settings.from_env(
+        {"ASYNCPROC_RETAIN_COMPLETED": "36h", "ASYNCPROC_RETAIN_FAILED": "forever", "ASYNCPROC_RETAIN_CANCELLED": "2w"}
+    )
+    assert settings.retain_completed == timedelta(hours=36)
+    assert settings.retain_failed is None
+    assert settings.retain_cancelled == timedelta(days=14)
