@@ -1,4 +1,4 @@
-"""Retention: delete finished tasks past ASYNCPROC_RETAIN_*, and compact the counts and history.
+"""Retention: delete finished tasks past ASYNCPROC_RETAIN_*; compact the counts and history.
 
 One pass prunes in bounded batches, each its own short transaction, with a
 pause between batches so that the API's and the workers' commits are never
@@ -60,9 +60,14 @@ async def prune_pass(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
         if row["pruned"] < settings.prune_batch_size:
             break
         await asyncio.sleep(BATCH_PAUSE_SECONDS)
+    await compact(pool)
+    return report
+
+
+async def compact(pool: psycopg_pool.AsyncConnectionPool) -> None:
+    """Fold the changes logged since the last pass into the counts and the history."""
     async with pool.connection() as conn:
         await conn.execute(query("retention_compact"))
-    return report
 
 
 def due(conn: psycopg.Connection, settings: Settings) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import math
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -293,3 +294,100 @@ def post_latency_under_siege(port: int, waiters: int, slow: int, samples: int) -
     with siege.Siege(port, json.loads(body)["task_id"], waiters, slow):
         besieged = post_latencies(port, samples)
     return idle, besieged
+
+
+# -- figure 11: the ledger at 10M rows ------------------------------------
+
+REPORTING_VIEWS = (
+    "asyncproc_status_counts", "asyncproc_throughput_per_minute", "asyncproc_throughput_per_hour",
+    "asyncproc_latency_last_hour", "asyncproc_recent_failures", "asyncproc_stuck_tasks", "asyncproc_queue",
+)
+HISTORY_LAST_MONTH = (
+    "SELECT operation, status, sum(count) FROM asyncproc_history"
+    " WHERE bucket_start >= now() - interval '30 days' GROUP BY operation, status"
+)
+
+
+def metrics_latency(h: Harness, samples: int) -> list[float]:
+    """GET /metrics over HTTP, as Prometheus scrapes it."""
+    connection = _http(h)
+    latencies = []
+    for index in range(samples + 2):
+        start = time.perf_counter()
+        status, body = _call(connection, "GET", "/metrics")
+        elapsed = time.perf_counter() - start
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}: {body[:200]!r}")
+        if index >= 2:
+            latencies.append(elapsed)
+    connection.close()
+    return latencies
+
+
+def reporting_latencies(h: Harness, runs: int) -> dict[str, float]:
+    """The median time of each reporting view, and of the history question, read in full."""
+    found = {}
+    for name, sql in [(view, f"SELECT * FROM {view}") for view in REPORTING_VIEWS] + [("asyncproc_history, last 30 days", HISTORY_LAST_MONTH)]:
+        h.conn.execute(sql).fetchall()
+        timings = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            h.conn.execute(sql).fetchall()
+            timings.append(time.perf_counter() - start)
+        found[name] = sorted(timings)[len(timings) // 2]
+    return found
+
+
+class Pruning:
+    """The real prune pass (asyncproc.retention) run in a thread for a while, as a worker runs it."""
+
+    def __init__(self, h: Harness, settings: Settings):
+        self.h = h
+        self.settings = settings
+        self.pruned = 0
+        self.seconds = 0.0
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> "Pruning":
+        self._thread = threading.Thread(target=self._run, name="bench-pruner")
+        self._thread.start()
+        self._started.wait(30)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(60)
+        if self.error is not None:
+            raise RuntimeError(f"the prune pass failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._prune())
+        except BaseException as exc:  # reported by __exit__ in the bench's thread
+            self.error = exc
+            self._started.set()
+
+    async def _prune(self) -> None:
+        from asyncproc import db, retention
+
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        pool = db.async_pool(self.settings, "asyncproc-bench-pruner", 2)
+        await pool.open(wait=True)
+        try:
+            self._started.set()
+            start = time.perf_counter()
+            report = await retention.prune_pass(self.settings, pool, self._stopping)
+            self.seconds = time.perf_counter() - start
+            self.pruned = report.pruned
+        finally:
+            await pool.close()
+
+    @property
+    def rate(self) -> float:
+        return self.pruned / self.seconds if self.seconds else 0.0

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Callable, TextIO
 
@@ -34,18 +34,19 @@ class Plan:
     result_samples: int
     get_samples: int
     seed_rows: int
+    ledger_rows: int
 
     @classmethod
     def full(cls) -> "Plan":
         return cls(runs=3, post_samples=500, load_seconds=5, batch_requests=10, batch_size=1000,
                    dispatch_samples=200, worker_tasks=3000, result_samples=50, get_samples=1000,
-                   seed_rows=1_000_000)
+                   seed_rows=1_000_000, ledger_rows=10_000_000)
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(runs=1, post_samples=50, load_seconds=1, batch_requests=2, batch_size=1000,
                    dispatch_samples=20, worker_tasks=200, result_samples=5, get_samples=100,
-                   seed_rows=10_000)
+                   seed_rows=10_000, ledger_rows=20_000)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Bench:
             empty = self._figures_without_workers()
             empty.update(self._figures_with_workers())
             self._flatness(empty)
+            self._ledger(empty)
         finally:
             self.h.close()
         self._print(setup)
@@ -295,6 +297,45 @@ class Bench:
         self.rows.append(Row(f"{label} figure 5 (2 processes)", f"{rate:,.0f} tasks/s", f"empty {f5:,.0f} tasks/s",
                              "≥ 0.8× empty", _verdict(rate >= 0.8 * f5)))
 
+    def _ledger(self, empty: dict[str, object]) -> None:
+        p = self.plan
+        self.say(f"figure 11: seeding a month of {p.ledger_rows:,} finished tasks, with counts and history")
+        seconds = self.h.seed_ledger(p.ledger_rows)
+        self.say(f"seeded in {seconds:.1f}s; re-measuring figures 1 and 4, /metrics, the reporting views, pruning")
+        label = f"11 ledger of {p.ledger_rows:,} tasks:"
+        try:
+            api, _ = self._post_latency()
+            workers = self.h.start_workers(1)
+            try:
+                dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
+                self.h.reset()
+            finally:
+                self.h.stop(workers)
+            scrape = _median_pair(lambda: figures.metrics_latency(self.h, max(10, p.post_samples // 10)), p.runs)
+            views = figures.reporting_latencies(self.h, 5)
+            slowest = max(views, key=views.get)
+            pruning = figures.Pruning(self.h, replace(Settings(), database_url=self.h.database_url,
+                                                      prune_batch_size=self.settings.prune_batch_size))
+            quiet = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
+            with pruning:
+                busy = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
+            self.h.reset()
+        finally:
+            self.h.remove_seed()
+        f1, f4 = empty["f1"], empty["f4"]
+        self.rows.append(Row(f"{label} figure 1", _lat(api), "empty " + _lat(f1), "p50, p99 ≤ 1.2× empty",
+                             _verdict(api[0] <= 1.2 * f1[0] and api[1] <= 1.2 * f1[1])))
+        self.rows.append(Row(f"{label} figure 4", _lat(dispatch), "empty " + _lat(f4), "p50, p99 ≤ 1.2× empty",
+                             _verdict(dispatch[0] <= 1.2 * f4[0] and dispatch[1] <= 1.2 * f4[1])))
+        self.rows.append(Row(f"{label} GET /metrics", _lat(scrape), "", "< 50 ms", _verdict(scrape[1] < 0.050)))
+        self.rows.append(Row(f"{label} slowest reporting view", f"{slowest}: {_ms(views[slowest])}",
+                             ", ".join(f"{name} {views[name] * MS:.1f}" for name in views if name != slowest) + " (ms)",
+                             "< 50 ms", _verdict(views[slowest] < 0.050)))
+        self.rows.append(Row(f"{label} prune rate", f"{pruning.rate:,.0f} rows/s ({pruning.pruned:,} in {pruning.seconds:.1f}s)",
+                             f"batches of {self.settings.prune_batch_size:,}", "", ""))
+        self.rows.append(Row(f"{label} figure 1 while pruning", _lat(busy), "not pruning " + _lat(quiet),
+                             "p99 ≤ 2× not pruning", _verdict(busy[1] <= 2 * quiet[1])))
+
     # -- output ----------------------------------------------------------
 
     def _print(self, setup: list[tuple[str, str]]) -> None:
@@ -308,5 +349,8 @@ class Bench:
         self.out.flush()
 
 
-def run(settings: Settings, quick: bool, out: TextIO = sys.stdout) -> int:
-    return Bench(settings, Plan.quick() if quick else Plan.full(), out).run()
+def run(settings: Settings, quick: bool, out: TextIO = sys.stdout, ledger_rows: int | None = None) -> int:
+    plan = Plan.quick() if quick else Plan.full()
+    if ledger_rows is not None:
+        plan = replace(plan, ledger_rows=ledger_rows)
+    return Bench(settings, plan, out).run()

@@ -3,18 +3,13 @@
 -- however many processes there are.
 
 -- name: metrics_task_counts
--- Exact counts, totals and histograms per operation, from the per-session
--- rows the triggers of migrations/0010_ledger_scale.sql keep: a few rows per
--- operation, however many tasks there are.
-SELECT operation,
-       sum(pending)::bigint AS pending, sum(running)::bigint AS running, sum(completed)::bigint AS completed,
-       sum(failed)::bigint AS failed, sum(cancelled)::bigint AS cancelled,
-       sum(enqueued_total)::bigint AS enqueued_total, sum(completed_total)::bigint AS completed_total,
-       sum(failed_total)::bigint AS failed_total, sum(cancelled_total)::bigint AS cancelled_total,
-       asyncproc_histogram_sum(run_histogram) AS run_histogram, sum(run_sum)::float8 AS run_sum,
-       asyncproc_histogram_sum(wait_histogram) AS wait_histogram, sum(wait_sum)::float8 AS wait_sum
-FROM asyncproc_counts
-GROUP BY operation
+-- Exact counts, totals and histograms per operation, kept by the triggers of
+-- migrations/0010_ledger_scale.sql: a few rows per operation, however many
+-- tasks there are.
+SELECT operation, pending, running, completed, failed, cancelled,
+       enqueued_total, completed_total, failed_total, cancelled_total,
+       run_histogram, run_sum, wait_histogram, wait_sum
+FROM asyncproc_operation_counts
 ORDER BY operation
 
 -- name: metrics_queue

@@ -11,5 +11,9 @@ SELECT operation, status, keep, due
 FROM asyncproc_prune_due(%(keep_completed)s::interval, %(keep_failed)s::interval, %(keep_cancelled)s::interval)
 
 -- name: retention_compact
--- Folds every session's count and history rows into one, and old minutes into hours and days.
-SELECT asyncproc_compact()
+-- Folds the logged changes into the counts and the history, and old minutes
+-- into hours and days. No row when another session is compacting right now:
+-- its pass covers the same rows.
+SELECT asyncproc_compact() AS compacted
+FROM (SELECT pg_try_advisory_xact_lock(hashtext('asyncproc_compact')) AS mine) AS lock
+WHERE lock.mine

@@ -25,9 +25,15 @@ FIGURES = [
     "| 7 GET /results, cache hit",
     "| 7 GET /results, cache miss",
     "| 7 GET /results, Redis off",
-    "figure 1 |",
-    "figure 4 |",
+    "rows: figure 1 |",
+    "rows: figure 4 |",
     "figure 5 (2 processes) |",
+    "tasks: figure 1 |",
+    "tasks: figure 4 |",
+    "tasks: GET /metrics |",
+    "tasks: slowest reporting view |",
+    "tasks: prune rate |",
+    "tasks: figure 1 while pruning |",
 ]
 
 
