@@ -10,7 +10,8 @@
 -- workers every few seconds, folds the events into asyncproc_counts (one row
 -- per operation) and asyncproc_rollups (the history); readers add the few
 -- events not folded yet. An upsert of a per-session counter row was measured
--- first: it added 0.14-0.25 ms to every claim and outcome, the insert ~0.01 ms.
+-- first: it added 0.14-0.25 ms to every claim and outcome; the append adds
+-- 0.02-0.03 ms of database CPU (docs/retention.md, "Measured").
 --
 -- The trigger functions are SECURITY DEFINER, as 0002's are: a role that may
 -- write `tasks` needs no rights on these tables.
@@ -457,22 +458,25 @@ BEGIN
         pending = EXCLUDED.pending, running = EXCLUDED.running, completed = EXCLUDED.completed,
         failed = EXCLUDED.failed, cancelled = EXCLUDED.cancelled;
     IF with_history THEN
-        PERFORM asyncproc_rollups_fold(ARRAY(
-            SELECT ROW(date_trunc('minute', finished_at, 'UTC'), interval '1 minute', operation, status, count(*),
-                       asyncproc_histogram_sum(asyncproc_histogram_of(asyncproc_histogram_slot(run_seconds), 1)),
-                       COALESCE(sum(run_seconds), 0),
-                       asyncproc_histogram_sum(asyncproc_histogram_of(asyncproc_histogram_slot(wait_seconds), 1)),
-                       COALESCE(sum(wait_seconds), 0))::asyncproc_rollups
-            FROM (SELECT operation, status, COALESCE(completed_at, updated_at) AS finished_at,
+        -- As events, one per minute, operation, status and histogram slots: the
+        -- mean of values within one slot stays in that slot, and keeps the sum.
+        PERFORM asyncproc_rollups_fold(ARRAY(SELECT h FROM asyncproc_events_history(ARRAY(
+            SELECT ROW(operation, 'running', status, count(*), minute, avg(run_seconds), avg(wait_seconds))::asyncproc_ledger_events
+            FROM (SELECT operation, status, date_trunc('minute', COALESCE(completed_at, updated_at), 'UTC') AS minute,
                          asyncproc_run_seconds(status, started_at, completed_at) AS run_seconds,
                          asyncproc_wait_seconds(status, scheduled_at, started_at) AS wait_seconds
                   FROM tasks
                   WHERE status IN ('completed', 'failed', 'cancelled')) AS finished
-            GROUP BY date_trunc('minute', finished_at, 'UTC'), operation, status
-        ), '2 days', '90 days');
+            GROUP BY operation, status, minute, asyncproc_histogram_slot(run_seconds), asyncproc_histogram_slot(wait_seconds)
+        )) AS h), '2 days', '90 days');
     END IF;
 END;
 $$;
+
+-- "What failed in the last 24 hours?" (asyncproc_recent_failures) read every
+-- task finished in the window through tasks_completed_at_idx: 60 ms at 10M
+-- rows. Only failed rows enter this one, so it costs the hot path nothing else.
+CREATE INDEX tasks_failed_completed_at_idx ON tasks (completed_at) WHERE status = 'failed';
 
 -- ---------------------------------------------------------------------------
 -- Reading: the folded rows plus the events not folded yet, in one snapshot.

@@ -317,8 +317,10 @@ class Bench:
             pruning = figures.Pruning(self.h, replace(Settings(), database_url=self.h.database_url,
                                                       prune_batch_size=self.settings.prune_batch_size))
             quiet = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
+            quiet_load = figures.post_load(self.h, 16, p.load_seconds)
             with pruning:
                 busy = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
+                busy_load = figures.post_load(self.h, 16, p.load_seconds)
             self.h.reset()
         finally:
             self.h.remove_seed()
@@ -335,6 +337,11 @@ class Bench:
                              f"batches of {self.settings.prune_batch_size:,}", "", ""))
         self.rows.append(Row(f"{label} figure 1 while pruning", _lat(busy), "not pruning " + _lat(quiet),
                              "p99 ≤ 2× not pruning", _verdict(busy[1] <= 2 * quiet[1])))
+        busy_p99, quiet_p99 = (figures.percentile(r.latencies, 99) for r in (busy_load, quiet_load))
+        self.rows.append(Row(f"{label} figure 2 (16 connections) while pruning",
+                             f"{busy_load.rate:,.0f} req/s, p99 {_ms(busy_p99)}",
+                             f"not pruning {quiet_load.rate:,.0f} req/s, p99 {_ms(quiet_p99)}",
+                             "p99 ≤ 2× not pruning", _verdict(busy_p99 <= 2 * quiet_p99)))
 
     # -- output ----------------------------------------------------------
 

@@ -34,6 +34,7 @@ FIGURES = [
     "tasks: slowest reporting view |",
     "tasks: prune rate |",
     "tasks: figure 1 while pruning |",
+    "tasks: figure 2 (16 connections) while pruning |",
 ]
 
 

@@ -94,8 +94,14 @@ def test_bulk_loaded_rows_are_counted_after_a_recount(clean_db):
             "INSERT INTO tasks (operation, status, attempts, started_at, completed_at)"
             " SELECT 'count.bulk', 'completed', 1, now() - interval '2 seconds', now() FROM generate_series(1, 50)"
         )
-    clean_db.execute("SELECT asyncproc_recount()")
+    clean_db.execute("SELECT asyncproc_recount(with_history => true)")
     assert_counts_exact(clean_db)
+    row = clean_db.execute(
+        "SELECT count, run_seconds_histogram, run_seconds_sum FROM asyncproc_history WHERE operation = 'count.bulk'"
+    ).fetchone()
+    # 2 s falls in [1, 2.5): the ninth slot.
+    assert (row["count"], row["run_seconds_histogram"]) == (50, [0] * 8 + [50] + [0] * 10)
+    assert row["run_seconds_sum"] == pytest.approx(100)
 
 
 def test_every_finished_task_is_in_the_history_once_with_its_latest_outcome(clean_db, worker_conn):

@@ -104,3 +104,31 @@ def test_run_time_and_queue_wait_histograms_come_from_the_ledger(app, idle_datab
     # Pending tasks have neither figure yet.
     assert (f"{run}_count", frozenset({("operation", "sleep")})) not in samples
 
+
+
+def test_counters_only_grow_across_retries_pruning_and_truncation(app, idle_database):
+    client = app.test_client()
+
+    def counters() -> tuple[float, float, float, float]:
+        samples = scrape(client)
+        label = frozenset({("operation", "monotonic")})
+        return tuple(samples.get((f"asyncproc_tasks_{name}_total", label), 0) for name in ("enqueued", "completed", "failed"))\
+            + (samples.get(("asyncproc_ledger_run_seconds_count", label), 0),)
+
+    with db.connect(idle_database) as operator, db.connect(idle_database, application_name="asyncproc-worker") as worker:
+        first, second = (row["task_id"] for row in operator.execute(
+            "INSERT INTO tasks (operation) VALUES ('monotonic'), ('monotonic') RETURNING task_id").fetchall())
+        for task_id, outcome in ((first, "failed"), (second, "completed")):
+            worker.execute("UPDATE tasks SET status = 'running', attempts = 1, started_at = now() WHERE task_id = %s", (task_id,))
+            worker.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (outcome, task_id))
+        assert counters() == (2, 1, 1, 2)
+        operator.execute("SELECT asyncproc_retry(%s)", (first,))
+        assert counters() == (2, 1, 1, 2)
+        operator.execute("DELETE FROM tasks WHERE task_id = %s", (second,))
+        operator.execute("SELECT asyncproc_compact()")
+        assert counters() == (2, 1, 1, 2)
+        samples = scrape(client)
+        assert samples[("asyncproc_tasks", frozenset({("operation", "monotonic"), ("status", "completed")}))] == 0
+        assert samples[("asyncproc_tasks", frozenset({("operation", "monotonic"), ("status", "pending")}))] == 1
+        operator.execute("TRUNCATE tasks CASCADE")
+        assert counters() == (2, 1, 1, 2)
