@@ -37,6 +37,8 @@ MIN_PAUSE_SECONDS = 0.02
 class PruneReport:
     pruned: int = 0
     batches: int = 0
+    # Time spent inside batches, pauses excluded.
+    busy_seconds: float = 0.0
     # Another session held the pruning lock, so this pass stopped early.
     busy: bool = False
 
@@ -63,6 +65,7 @@ async def prune_pass(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
             return report
         report.pruned += row["pruned"]
         report.batches += 1
+        report.busy_seconds += time.monotonic() - started
         if row["pruned"] < settings.prune_batch_size:
             break
         with contextlib.suppress(asyncio.TimeoutError):

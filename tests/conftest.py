@@ -141,6 +141,10 @@ def worker_conn(database_url: str) -> Iterator[psycopg.Connection]:
 
 @pytest.fixture
 def clean_db(conn: psycopg.Connection) -> psycopg.Connection:
-    """The session database with no tasks and no jobs, for tests that count rows."""
-    conn.execute("TRUNCATE tasks, procrastinate_jobs, procrastinate_events CASCADE")
+    """The session database with no tasks and no jobs, and no counts or history of
+    earlier tests' tasks (those outlive deleted rows), for tests that count rows."""
+    conn.execute(
+        "TRUNCATE tasks, procrastinate_jobs, procrastinate_events,"
+        " asyncproc_ledger_events, asyncproc_counts, asyncproc_rollups CASCADE"
+    )
     return conn

@@ -339,13 +339,17 @@ def reporting_latencies(h: Harness, runs: int) -> dict[str, float]:
 
 
 class Pruning:
-    """The real prune pass (asyncproc.retention) run in a thread for a while, as a worker runs it."""
+    """The real prune pass (asyncproc.retention) run in a thread, as a worker runs it, for
+    the duration of the `with` block and at least `min_seconds`."""
 
-    def __init__(self, h: Harness, settings: Settings):
+    def __init__(self, h: Harness, settings: Settings, min_seconds: float):
         self.h = h
         self.settings = settings
+        self.min_seconds = min_seconds
         self.pruned = 0
         self.seconds = 0.0
+        self.busy_seconds = 0.0
+        self._began = 0.0
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -359,6 +363,7 @@ class Pruning:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        time.sleep(max(0.0, self._began + self.min_seconds - time.perf_counter()))
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(60)
@@ -380,14 +385,19 @@ class Pruning:
         pool = db.async_pool(self.settings, "asyncproc-bench-pruner", 2)
         await pool.open(wait=True)
         try:
+            self._began = time.perf_counter()
             self._started.set()
-            start = time.perf_counter()
             report = await retention.prune_pass(self.settings, pool, self._stopping)
-            self.seconds = time.perf_counter() - start
+            self.seconds = time.perf_counter() - self._began
             self.pruned = report.pruned
+            self.busy_seconds = report.busy_seconds
         finally:
             await pool.close()
 
     @property
     def rate(self) -> float:
         return self.pruned / self.seconds if self.seconds else 0.0
+
+    @property
+    def busy_rate(self) -> float:
+        return self.pruned / self.busy_seconds if self.busy_seconds else 0.0

@@ -35,18 +35,19 @@ class Plan:
     get_samples: int
     seed_rows: int
     ledger_rows: int
+    prune_seconds: float
 
     @classmethod
     def full(cls) -> "Plan":
         return cls(runs=3, post_samples=500, load_seconds=5, batch_requests=10, batch_size=1000,
                    dispatch_samples=200, worker_tasks=3000, result_samples=50, get_samples=1000,
-                   seed_rows=1_000_000, ledger_rows=10_000_000)
+                   seed_rows=1_000_000, ledger_rows=10_000_000, prune_seconds=20)
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(runs=1, post_samples=50, load_seconds=1, batch_requests=2, batch_size=1000,
                    dispatch_samples=20, worker_tasks=200, result_samples=5, get_samples=100,
-                   seed_rows=10_000, ledger_rows=20_000)
+                   seed_rows=10_000, ledger_rows=20_000, prune_seconds=3)
 
 
 @dataclass
@@ -315,7 +316,8 @@ class Bench:
             views = figures.reporting_latencies(self.h, 5)
             slowest = max(views, key=views.get)
             pruning = figures.Pruning(self.h, replace(Settings(), database_url=self.h.database_url,
-                                                      prune_batch_size=self.settings.prune_batch_size))
+                                                      prune_batch_size=self.settings.prune_batch_size),
+                                      p.prune_seconds)
             quiet = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
             quiet_load = figures.post_load(self.h, 16, p.load_seconds)
             with pruning:
@@ -333,8 +335,9 @@ class Bench:
         self.rows.append(Row(f"{label} slowest reporting view", f"{slowest}: {_ms(views[slowest])}",
                              ", ".join(f"{name} {views[name] * MS:.1f}" for name in views if name != slowest) + " (ms)",
                              "< 50 ms", _verdict(views[slowest] < 0.050)))
-        self.rows.append(Row(f"{label} prune rate", f"{pruning.rate:,.0f} rows/s ({pruning.pruned:,} in {pruning.seconds:.1f}s)",
-                             f"batches of {self.settings.prune_batch_size:,}", "", ""))
+        self.rows.append(Row(f"{label} prune rate",
+                             f"{pruning.rate:,.0f} rows/s ({pruning.pruned:,} in {pruning.seconds:.1f}s, pauses included)",
+                             f"{pruning.busy_rate:,.0f} rows/s inside batches of {self.settings.prune_batch_size:,}", "", ""))
         self.rows.append(Row(f"{label} figure 1 while pruning", _lat(busy), "not pruning " + _lat(quiet),
                              "p99 ≤ 2× not pruning", _verdict(busy[1] <= 2 * quiet[1])))
         busy_p99, quiet_p99 = (figures.percentile(r.latencies, 99) for r in (busy_load, quiet_load))

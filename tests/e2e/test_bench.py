@@ -44,7 +44,7 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
     env = {**os.environ, "ASYNCPROC_LOG_LEVEL": "WARNING"}
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "bench", "--quick"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
