@@ -350,8 +350,7 @@ class Pruning:
         self.seconds = 0.0
         self.busy_seconds = 0.0
         self._began = 0.0
-        self._stopping: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self.error: BaseException | None = None
@@ -364,8 +363,7 @@ class Pruning:
 
     def __exit__(self, *exc_info) -> None:
         time.sleep(max(0.0, self._began + self.min_seconds - time.perf_counter()))
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._stop.set()
         self._thread.join(60)
         if self.error is not None:
             raise RuntimeError(f"the prune pass failed: {self.error}") from self.error
@@ -380,18 +378,26 @@ class Pruning:
     async def _prune(self) -> None:
         from asyncproc import db, retention
 
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        stopping = asyncio.Event()
+
+        async def relay_stop() -> None:
+            # The bench's thread asks through a threading.Event: this loop may have finished already.
+            while not self._stop.is_set():
+                await asyncio.sleep(0.02)
+            stopping.set()
+
         pool = db.async_pool(self.settings, "asyncproc-bench-pruner", 2)
         await pool.open(wait=True)
+        relay = asyncio.create_task(relay_stop())
         try:
             self._began = time.perf_counter()
             self._started.set()
-            report = await retention.prune_pass(self.settings, pool, self._stopping)
+            report = await retention.prune_pass(self.settings, pool, stopping)
             self.seconds = time.perf_counter() - self._began
             self.pruned = report.pruned
             self.busy_seconds = report.busy_seconds
         finally:
+            relay.cancel()
             await pool.close()
 
     @property
