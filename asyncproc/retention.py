@@ -4,13 +4,12 @@ One pass prunes in bounded batches, each its own short transaction, with a
 pause after each batch so that the API's and the workers' commits are never
 queued behind a long run of deletes. Only one session in the fleet prunes at a
 time (a transaction-level advisory lock in asyncproc_prune). Used by the
-worker's pruner loop (worker/pruner.py) and by `asyncproc prune`.
+worker's ledger upkeep loop (worker/pruner.py) and by `asyncproc prune`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import psycopg_pool
 from asyncproc import db
 from asyncproc.config import Settings
 from asyncproc.db import query
+from asyncproc.loops import wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ async def prune_pass(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
         report.busy_seconds += time.monotonic() - started
         if row["pruned"] < settings.prune_batch_size:
             break
-        with contextlib.suppress(asyncio.TimeoutError):
-            pause = max(MIN_PAUSE_SECONDS, PAUSE_RATIO * (time.monotonic() - started))
-            await asyncio.wait_for(stopping.wait(), pause)
+        await wait_or_stop(stopping, max(MIN_PAUSE_SECONDS, PAUSE_RATIO * (time.monotonic() - started)))
     await compact(pool)
     return report
 

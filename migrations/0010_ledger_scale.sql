@@ -647,3 +647,19 @@ AS $$
     GROUP BY 1, 2
     ORDER BY 1, 2
 $$;
+
+-- Access, as in 0007: operators read the counts and the history (the
+-- throughput views read the history with the caller's rights) and set
+-- retention overrides. A recount blocks every writer of `tasks` while it
+-- runs, and a compaction locks out the pruner's: the owner's (the worker's) alone.
+REVOKE EXECUTE ON FUNCTION asyncproc_recount(boolean), asyncproc_compact(interval, interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION asyncproc_tasks_log_inserted(), asyncproc_tasks_log_changed(),
+    asyncproc_tasks_log_deleted(), asyncproc_tasks_log_truncated() FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'asyncproc_operator') THEN
+        GRANT SELECT ON asyncproc_history, asyncproc_operation_counts TO asyncproc_operator;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON asyncproc_retention TO asyncproc_operator;
+    END IF;
+END;
+$$;

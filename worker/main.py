@@ -4,7 +4,9 @@ This worker restarts its Procrastinate worker after a short pause whenever it
 stops on an error, breaks its connections when the database stops answering
 on them (a half-open connection), and sweeps: a task whose worker died is
 re-queued or, with no attempt left, failed, and the tasks and jobs tables are
-reconciled. The sweep and the watchdog are supervised loops (asyncproc.loops):
+reconciled. It also keeps the ledger's counts, history and retention
+(worker/pruner.py). The sweep, the watchdog and the ledger upkeep are
+supervised loops (asyncproc.loops):
 any error is logged and the loop goes on, and the metrics say when one keeps
 failing.
 """
@@ -26,7 +28,7 @@ from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
 from worker.metrics import WorkerMetrics
 from worker.pool import ProcessPool
-from worker.pruner import prune_finished
+from worker.pruner import LedgerUpkeep, upkeep_period
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     loops = [
         (LoopHealth("sweep"), lambda: _sweep(settings, pool), sweep_period(settings)),
         (LoopHealth("database watchdog"), lambda: _probe_database(settings, pool), settings.heartbeat_seconds),
+        (LoopHealth("ledger upkeep"), LedgerUpkeep(settings, pool, stopping).step, upkeep_period(settings)),
     ]
     for health, _, _ in loops:
         metrics.watch_loop(health)
@@ -99,7 +102,6 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     ]
     dispatch = LoopHealth("procrastinate worker")
     metrics.watch_loop(dispatch)
-    pruner = asyncio.create_task(prune_finished(settings, pool, stopping), name="pruner")
     log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
     try:
         while not stopping.is_set():
@@ -118,9 +120,9 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
                 log.info("procrastinate worker stopped; restarting it in %ss", RESTART_DELAY_SECONDS)
                 await wait_or_stop(stopping, RESTART_DELAY_SECONDS)
     finally:
-        for loop_task in [*supervised, pruner]:
+        for loop_task in supervised:
             loop_task.cancel()
-        await asyncio.gather(*supervised, pruner, return_exceptions=True)
+        await asyncio.gather(*supervised, return_exceptions=True)
         await processes.close()
         await pool.close(timeout=5)
         await cache.close()

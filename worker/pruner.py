@@ -1,17 +1,16 @@
 """The worker's ledger upkeep: compaction every few seconds, a prune pass every ASYNCPROC_PRUNE_INTERVAL_SECONDS.
 
-Every worker runs this loop. Advisory locks let one of them compact and one of
-them prune at a time; the others find the lock taken and wait for their next turn.
+Every worker runs it as a supervised loop (asyncproc.loops) beside the sweep.
+Advisory locks let one worker compact and one prune at a time; the others
+find the lock taken and wait for their next turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
-import psycopg
 import psycopg_pool
 
 from asyncproc import retention
@@ -24,18 +23,24 @@ log = logging.getLogger(__name__)
 COMPACT_SECONDS = 5.0
 
 
-async def prune_finished(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> None:
-    next_prune = time.monotonic()
-    while not stopping.is_set():
-        try:
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + settings.prune_interval_seconds
-                report = await retention.prune_pass(settings, pool, stopping)
-                if report.pruned:
-                    log.info("pruned %s finished task(s) in %s batch(es)", report.pruned, report.batches)
-            else:
-                await retention.compact(pool)
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-            log.warning("ledger upkeep skipped: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), min(COMPACT_SECONDS, settings.prune_interval_seconds))
+def upkeep_period(settings: Settings) -> float:
+    return min(COMPACT_SECONDS, settings.prune_interval_seconds)
+
+
+class LedgerUpkeep:
+    """One step of the loop: a prune pass (which ends with a compaction) when one is due, else a compaction."""
+
+    def __init__(self, settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event):
+        self._settings = settings
+        self._pool = pool
+        self._stopping = stopping
+        self._next_prune = time.monotonic()
+
+    async def step(self) -> None:
+        if time.monotonic() < self._next_prune:
+            await retention.compact(self._pool)
+            return
+        self._next_prune = time.monotonic() + self._settings.prune_interval_seconds
+        report = await retention.prune_pass(self._settings, self._pool, self._stopping)
+        if report.pruned:
+            log.info("pruned %s finished task(s) in %s batch(es)", report.pruned, report.batches)

@@ -115,7 +115,9 @@ def test_counters_only_grow_across_retries_pruning_and_truncation(app, idle_data
         return tuple(samples.get((f"asyncproc_tasks_{name}_total", label), 0) for name in ("enqueued", "completed", "failed"))\
             + (samples.get(("asyncproc_ledger_run_seconds_count", label), 0),)
 
-    with db.connect(idle_database) as operator, db.connect(idle_database, application_name="asyncproc-worker") as worker:
+    with db.connect(idle_database) as operator, psycopg.connect(
+        idle_database, autocommit=True, options=WORKER_OPTIONS, row_factory=dict_row
+    ) as worker:
         first, second = (row["task_id"] for row in operator.execute(
             "INSERT INTO tasks (operation) VALUES ('monotonic'), ('monotonic') RETURNING task_id").fetchall())
         for task_id, outcome in ((first, "failed"), (second, "completed")):

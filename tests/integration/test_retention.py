@@ -9,10 +9,12 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from asyncproc import cli, db, retention
 from asyncproc.config import PROJECT_ROOT, Settings
-from worker.pruner import COMPACT_SECONDS, prune_finished
+from asyncproc.loops import LoopHealth, run_periodically
+from worker.pruner import COMPACT_SECONDS, LedgerUpkeep, upkeep_period
 
 DOCS = (PROJECT_ROOT / "docs" / "retention.md").read_text()
 KEEP = {"keep_completed": timedelta(days=7), "keep_failed": timedelta(days=30), "keep_cancelled": timedelta(days=7)}
@@ -131,7 +133,11 @@ def test_the_workers_pruner_loop_prunes_and_stops_when_asked(clean_db, database_
         pool = db.async_pool(settings, "asyncproc-worker", 2)
         await pool.open(wait=True)
         stopping = asyncio.Event()
-        loop = asyncio.create_task(prune_finished(settings, pool, stopping))
+        # As worker/main.py runs it.
+        health = LoopHealth("ledger upkeep")
+        loop = asyncio.create_task(
+            run_periodically(health, LedgerUpkeep(settings, pool, stopping).step, upkeep_period(settings), stopping)
+        )
         try:
             async with asyncio.timeout(30):
                 while statuses(clean_db, "prune.loop") != {"pending": 1}:
@@ -144,6 +150,7 @@ def test_the_workers_pruner_loop_prunes_and_stops_when_asked(clean_db, database_
             stopping.set()
             async with asyncio.timeout(5):
                 await loop
+            assert health.failures_total == 0
         finally:
             loop.cancel()
             await pool.close()
@@ -157,6 +164,25 @@ def _insert_one(conn: psycopg.Connection) -> None:
 
 def unfolded(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) AS n FROM asyncproc_ledger_events").fetchone()["n"]
+
+
+def test_the_operator_role_reads_the_history_and_sets_overrides(clean_db, database_url):
+    role = "asyncproc_test_retention_operator"
+    clean_db.execute(f"DROP ROLE IF EXISTS {role}")
+    clean_db.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        clean_db.execute(f"GRANT asyncproc_operator TO {role}")
+        with psycopg.connect(make_conninfo(database_url, user=role), autocommit=True) as operator:
+            for view in ("asyncproc_history", "asyncproc_operation_counts", "asyncproc_throughput_per_minute",
+                         "asyncproc_throughput_per_hour", "asyncproc_status_counts"):
+                operator.execute(f"SELECT * FROM {view}").fetchall()
+            operator.execute("INSERT INTO asyncproc_retention (operation, status, keep) VALUES ('op.role', 'failed', NULL)")
+            operator.execute("DELETE FROM asyncproc_retention WHERE operation = 'op.role'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                operator.execute("SELECT asyncproc_recount()")
+    finally:
+        clean_db.execute(f"DROP OWNED BY {role}")
+        clean_db.execute(f"DROP ROLE {role}")
 
 
 def _docs_sql(heading: str) -> str:
