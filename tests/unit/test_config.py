@@ -174,6 +174,8 @@ def test_handler_limits_and_the_unknown_operation_grace_are_read():
     default = Settings.from_env({})
     assert (default.handler_timeout_seconds, default.handler_memory_mb) == (600, None)
     assert default.unknown_operation_grace_seconds == 900
+
+
 def test_retention_defaults_and_durations():
     default = Settings.from_env({})
     assert (default.retain_completed, default.retain_failed, default.retain_cancelled) == (
