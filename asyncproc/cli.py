@@ -19,9 +19,11 @@ from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bi
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.keys import KeyCommandError
+from asyncproc.limits import LimitsError
 from asyncproc.quotas import Quota
 from asyncproc.migrate import MigrationError
 from asyncproc.operations import load_user_module
+from asyncproc.schedules import ScheduleError
 from asyncproc.uplock import AlreadyRunning
 
 log = logging.getLogger("asyncproc")
@@ -51,6 +53,26 @@ def _integer(low: int, high: int) -> Callable[[str], object]:
 
 
 _BIND = _checked(parse_bind, BIND_EXPECTED)
+
+
+def _number(low: float, high: float) -> Callable[[str], object]:
+    def parse(text: str) -> float:
+        number = float(text)
+        if not low <= number <= high:
+            raise ValueError
+        return number
+
+    return _checked(parse, f"a number from {low:g} to {high:g}")
+
+
+def _limit(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """A limit's value, or `none` to remove the limit."""
+
+    def check(text: str) -> object:
+        return text if text == "none" else parse(text)
+
+    check.__name__ = parse.__name__
+    return check
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,6 +131,34 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--max-priority", dest="max_priority", type=int, help="highest priority a task may ask for")
     limit.add_argument("--max-batch", dest="max_batch_tasks", type=int, help="tasks in one POST /process/batch")
     limit.add_argument("--max-timeout-seconds", dest="max_timeout_seconds", type=float, help="highest timeout_seconds")
+
+    schedule_commands = commands.add_parser("schedules", help="periodic tasks (table asyncproc_schedules)").add_subparsers(
+        dest="schedules_command", required=True, metavar="ACTION"
+    )
+    add = schedule_commands.add_parser("add", help="add a schedule")
+    add.add_argument("name")
+    add.add_argument("operation")
+    timing = add.add_mutually_exclusive_group(required=True)
+    timing.add_argument("--cron", help="five-field cron expression in UTC, or an alias such as @hourly")
+    timing.add_argument("--every", type=_integer(1, 366 * 86400), metavar="SECONDS", help="every this many seconds")
+    add.add_argument("--data", default="{}", help="the operation's input as a JSON object")
+    add.add_argument("--priority", type=_integer(-1_000_000, 1_000_000), default=0)
+    add.add_argument("--max-attempts", type=_integer(1, 100), default=3)
+    add.add_argument("--catch-up", choices=("skip", "one"), default="skip", help="after downtime: skip missed runs, or run one")
+    schedule_commands.add_parser("list", help="list schedules")
+    schedule_commands.add_parser("remove", help="remove a schedule").add_argument("name")
+
+    limit_commands = commands.add_parser("limits", help="per-operation limits (table asyncproc_operation_settings)").add_subparsers(
+        dest="limits_command", required=True, metavar="ACTION"
+    )
+    limit_set = limit_commands.add_parser("set", help="set limits of an operation across every worker")
+    limit_set.add_argument("operation")
+    limit_set.add_argument("--max-running", type=_limit(_integer(0, 1_000_000)), metavar="N|none", help="tasks running at once")
+    limit_set.add_argument("--rate", type=_limit(_number(0.001, 1_000_000)), metavar="R|none", help="starts per second")
+    limit_set.add_argument("--burst", type=_limit(_integer(1, 1_000_000)), metavar="B|none", help="starts at once (default: the rate, rounded up)")
+    limit_commands.add_parser("pause", help="start no more tasks of an operation").add_argument("operation")
+    limit_commands.add_parser("resume", help="start tasks of an operation again").add_argument("operation")
+    limit_commands.add_parser("list", help="limits, running and held tasks per operation")
 
     commands.add_parser("status", help="the service, the queue and the workers")
     commands.add_parser(
@@ -203,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsyncprocError as exc:
         print(f"asyncproc: {exc.message}", file=sys.stderr)
         return 1
-    except (EmbeddedError, MigrationError, KeyCommandError, AlreadyRunning, supervisor.UpError) as exc:
+    except (EmbeddedError, MigrationError, KeyCommandError, ScheduleError, LimitsError, AlreadyRunning, supervisor.UpError) as exc:
         print(f"asyncproc: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
@@ -258,6 +308,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         with db.connect(database_url, settings, "asyncproc-keys") as conn:
             quota = Quota(**{name: getattr(args, name, None) for name in keys.QUOTA_FIELDS})
             return keys.run(conn, args.keys_command, getattr(args, "name", None), quota)
+    if args.command == "schedules":
+        from asyncproc import schedules
+
+        load_user_module(settings.operations_module)
+        with db.connect(database_url, settings, "asyncproc-schedules") as conn:
+            return schedules.run(conn, args)
+    if args.command == "limits":
+        from asyncproc import limits
+
+        with db.connect(database_url, settings, "asyncproc-limits") as conn:
+            return limits.run(conn, args)
     if args.command == "worker":
         from worker import main as worker_main
 

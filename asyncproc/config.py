@@ -19,6 +19,7 @@ import psycopg
 from psycopg import conninfo
 
 from asyncproc.errors import ConfigError
+from asyncproc.webhooks import AllowList
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +104,18 @@ class Settings:
     retain_cancelled: timedelta | None = timedelta(days=7)
     prune_interval_seconds: float = 60.0
     prune_batch_size: int = 1000
+    scheduler_poll_seconds: float = 1.0
+    # A scheduled occurrence later than this is skipped (catch_up 'skip').
+    schedule_misfire_seconds: float = 60.0
+    callback_allow: AllowList = field(default_factory=AllowList)
+    # Signs the callbacks of tasks that no API key created (access control off, psql).
+    callback_secret: str | None = None
+    callback_timeout_seconds: float = 10.0
+    # The first retry of a failed delivery waits this long, doubling up to an hour.
+    callback_backoff_seconds: float = 10.0
+    # A delivery still failing this long after the task finished is given up.
+    callback_max_age_seconds: float = 86400.0
+    callback_poll_seconds: float = 1.0
 
     @property
     def auth_required(self) -> bool:
@@ -233,6 +246,26 @@ class Settings:
                 "ASYNCPROC_PRUNE_INTERVAL_SECONDS", default.prune_interval_seconds, 1, 86400
             ),
             prune_batch_size=reader.integer("ASYNCPROC_PRUNE_BATCH_SIZE", default.prune_batch_size, 1, 100_000),
+            scheduler_poll_seconds=reader.number(
+                "ASYNCPROC_SCHEDULER_POLL_SECONDS", default.scheduler_poll_seconds, 0.05, 60
+            ),
+            schedule_misfire_seconds=reader.number(
+                "ASYNCPROC_SCHEDULE_MISFIRE_SECONDS", default.schedule_misfire_seconds, 0, 86400
+            ),
+            callback_allow=reader.allow_list("ASYNCPROC_CALLBACK_ALLOW"),
+            callback_secret=reader.secret("ASYNCPROC_CALLBACK_SECRET"),
+            callback_timeout_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_TIMEOUT_SECONDS", default.callback_timeout_seconds, 0.1, 300
+            ),
+            callback_backoff_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_BACKOFF_SECONDS", default.callback_backoff_seconds, 0.01, 3600
+            ),
+            callback_max_age_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_MAX_AGE_SECONDS", default.callback_max_age_seconds, 1, 7 * 86400
+            ),
+            callback_poll_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_POLL_SECONDS", default.callback_poll_seconds, 0.05, 60
+            ),
         )
 
 
@@ -364,6 +397,9 @@ class _Reader:
             return items
 
         return self._parse(name, (), parse, "comma-separated addresses or networks, for example 10.0.0.0/8")
+
+    def allow_list(self, name: str) -> AllowList:
+        return self._parse(name, AllowList(), AllowList.parse, "comma-separated host names, IP networks or *")
 
     def seconds_range(self, name: str, default: SecondsRange) -> SecondsRange:
         def parse(value: str) -> SecondsRange:

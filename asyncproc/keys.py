@@ -96,6 +96,11 @@ def revoke(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute(query("api_key_revoke"), {"name": name}).fetchone() is not None
 
 
+def callback_secret(conn: psycopg.Connection, name: str) -> str:
+    """The secret that signs the completion webhooks of the live key `name`'s tasks."""
+    return conn.execute(query("api_key_callback_secret"), {"name": name}).fetchone()["callback_secret"]
+
+
 def list_keys(conn: psycopg.Connection) -> list[ApiKey]:
     return [ApiKey(quota=_quota(row), **row) for row in conn.execute(query("api_key_list"))]
 
@@ -105,6 +110,7 @@ def run(conn: psycopg.Connection, action: str, name: str | None, quota: Quota = 
     if action == "create":
         print(create(conn, name))
         print(f"key {name!r} created; it is shown only this once", file=sys.stderr)
+        print(f"its webhook signing secret: {callback_secret(conn, name)}", file=sys.stderr)
         return 0
     if action == "revoke":
         if not revoke(conn, name):

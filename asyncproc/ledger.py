@@ -45,6 +45,8 @@ class Task:
     owner: int | None = None
     # The task's own time limit in seconds; None: its operation's, or the worker's default.
     timeout_seconds: float | None = None
+    # Why a pending task is held back by its operation's limits (migrations/0011).
+    wait_reason: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -64,6 +66,7 @@ class NewTask:
     timeout_seconds: float | None = None
     # A hash of the whole request, compared when its Idempotency-Key is replayed.
     idempotency_fingerprint: str | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
             "owner": new.owner,
             "timeout_seconds": new.timeout_seconds,
             "idempotency_fingerprint": new.idempotency_fingerprint,
+            "callback_url": new.callback_url,
         },
     ).fetchone()
     return _task(row)
@@ -140,6 +144,7 @@ def task_insert_batch(conn: psycopg.Connection, tasks: list[NewTask], request_id
             "run_ats": [new.run_at for new in tasks],
             "owners": [new.owner for new in tasks],
             "timeouts": [new.timeout_seconds for new in tasks],
+            "callback_urls": [new.callback_url for new in tasks],
             "request_id": request_id,
         },
     )

@@ -12,7 +12,7 @@ import psycopg_pool
 
 from asyncproc import jsonb, ledger, quotas
 from asyncproc.cache import ResultCache, version_of
-from asyncproc.db import translate_errors
+from asyncproc.db import query, translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
 from asyncproc.ledger import NewTask, Task
 from asyncproc.quotas import NO_QUOTA, Quota
@@ -44,6 +44,7 @@ def task_document(task: Task) -> dict[str, Any]:
         "scheduled_at": _iso(task.scheduled_at),
         "progress": task.progress,
         "progress_message": task.progress_message,
+        "wait_reason": task.wait_reason,
     }
 
 
@@ -128,6 +129,17 @@ def result_document(
     pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None
 ) -> bytes:
     return lookup(pool, cache, task_id, owner)[0]
+
+
+def callback_deliveries(pool: psycopg_pool.ConnectionPool, task_id: UUID, owner: int | None = None) -> list[dict[str, Any]]:
+    """The task's completion-webhook deliveries, each with every attempt, oldest first."""
+    with translate_errors(), pool.connection() as conn:
+        owned_task(conn, task_id, owner)
+        rows = conn.execute(query("callback_list_for_task"), {"task_id": task_id}).fetchall()
+    return [
+        {**row, **{name: _iso(row[name]) for name in ("next_attempt_at", "created_at", "delivered_at")}}
+        for row in rows
+    ]
 
 
 def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None) -> Task:

@@ -26,10 +26,12 @@ from asyncproc.config import Settings
 from asyncproc.loops import LoopHealth, run_periodically, wait_or_stop
 from asyncproc.operations import load_user_module, registry
 from worker.app import QUEUE, build_app
+from worker.callbacks import deliver_callbacks
 from worker.metrics import WorkerMetrics
 from worker.pool import ProcessPool
 from worker.pruner import LedgerUpkeep, upkeep_period
 from worker.runner import Runner
+from worker.scheduler import enqueue_schedules
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         (LoopHealth("sweep"), lambda: _sweep(settings, pool), sweep_period(settings)),
         (LoopHealth("database watchdog"), lambda: _probe_database(settings, pool), settings.heartbeat_seconds),
         (LoopHealth("ledger upkeep"), LedgerUpkeep(settings, pool, stopping).step, upkeep_period(settings)),
+        (LoopHealth("scheduler"), lambda: enqueue_schedules(settings, pool), settings.scheduler_poll_seconds),
+        (LoopHealth("callbacks"), lambda: deliver_callbacks(settings, pool), settings.callback_poll_seconds),
     ]
     for health, _, _ in loops:
         metrics.watch_loop(health)

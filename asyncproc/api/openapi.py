@@ -10,6 +10,7 @@ from flask import Flask
 from asyncproc.api import validation
 from asyncproc.config import Settings
 from asyncproc.operations import MAX_TIMEOUT_SECONDS, Registry, registry
+from asyncproc.webhooks import MAX_URL_LENGTH
 
 JSON = "application/json"
 
@@ -85,6 +86,12 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                     "maximum": MAX_TIMEOUT_SECONDS,
                     "description": "each attempt's time limit; default: the operation's, else the worker's",
                 },
+                "callback_url": {
+                    "type": "string",
+                    "maxLength": MAX_URL_LENGTH,
+                    "description": "http(s) URL that is POSTed the task when it is finished, signed in "
+                    "X-Asyncproc-Signature; public hosts only unless ASYNCPROC_CALLBACK_ALLOW lists it",
+                },
             },
         },
         "Accepted": {
@@ -117,6 +124,39 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                 "scheduled_at": {"type": "string", "format": "date-time"},
                 "progress": {"type": ["integer", "null"], "minimum": 0, "maximum": 100},
                 "progress_message": {"type": ["string", "null"]},
+                "wait_reason": {
+                    "type": ["string", "null"],
+                    "description": "why a pending task is held back by its operation's limits",
+                },
+            },
+        },
+        "CallbackDelivery": {
+            "type": "object",
+            "required": ["id", "url", "task_status", "state", "attempts", "next_attempt_at", "created_at",
+                         "delivered_at", "last_error", "attempt_log"],
+            "properties": {
+                "id": {"type": "integer"},
+                "url": {"type": "string"},
+                "task_status": {"type": "string", "enum": ["completed", "failed", "cancelled"]},
+                "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                "attempts": {"type": "integer", "minimum": 0},
+                "next_attempt_at": {"type": "string", "format": "date-time"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "delivered_at": nullable_time,
+                "last_error": {"type": ["string", "null"]},
+                "attempt_log": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["attempted_at", "response_status", "error", "duration_ms"],
+                        "properties": {
+                            "attempted_at": {"type": "string"},
+                            "response_status": {"type": ["integer", "null"]},
+                            "error": {"type": ["string", "null"]},
+                            "duration_ms": {"type": "integer"},
+                        },
+                    },
+                },
             },
         },
         "Health": {
@@ -313,6 +353,31 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                     "422": _error("Last-Event-ID is not 1-255 printable ASCII characters"),
                     **guarded,
                     **waiting,
+                },
+            }
+        },
+        "/results/{task_id}/callbacks": {
+            "get": {
+                "operationId": "taskCallbacks",
+                "summary": "The task's completion-webhook deliveries, each with every attempt",
+                **security,
+                "parameters": [task_id_parameter],
+                "responses": {
+                    "200": {
+                        "description": "oldest first; empty when the task has no callback_url or is not finished",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["callbacks"],
+                                    "properties": {"callbacks": {"type": "array", "items": _ref("CallbackDelivery")}},
+                                }
+                            }
+                        },
+                    },
+                    "404": not_found,
+                    **guarded,
+                    **unavailable,
                 },
             }
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
 
@@ -11,6 +12,7 @@ from asyncproc import quotas, service
 from asyncproc.api import resources, validation
 from asyncproc.api.asgi import LOOP_KEY, PARKED_KEY
 from asyncproc.api.auth import client_address, current_owner, current_quota
+from asyncproc.config import Settings
 from asyncproc.errors import InvalidRequest, UnsupportedMediaType
 from asyncproc.logs import request_id_var
 from asyncproc.waiting import Parked, run_blocking
@@ -56,6 +58,7 @@ def process():
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
         owner=current_owner(),
+        **_callback_policy(res.settings),
     )
     quotas.check_request(current_quota(), [body])
     task, created = service.enqueue(res.pool, new, current_quota())
@@ -89,6 +92,7 @@ def process_batch():
         default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         request_id=g.request_id,
         owner=current_owner(),
+        **_callback_policy(res.settings),
     )
     quotas.check_request(current_quota(), body["tasks"])
     task_ids = service.enqueue_batch(res.pool, batch, g.request_id, current_quota())
@@ -99,6 +103,14 @@ def process_batch():
             for task_id in task_ids
         ]
     }, 202
+
+
+def _callback_policy(settings: Settings) -> dict[str, Any]:
+    """Where callbacks may go, and whether this caller's can be signed: with its key's secret or the global one."""
+    return {
+        "callback_allow": settings.callback_allow,
+        "can_sign": current_owner() is not None or settings.callback_secret is not None,
+    }
 
 
 @bp.get("/results/<raw_id>")
@@ -141,6 +153,12 @@ def _parked(chunks, release, mimetype: str) -> Response:
     if LOOP_KEY in request.environ:
         return Response(b"", mimetype=mimetype)
     return Response(run_blocking(parked), mimetype=mimetype)
+
+
+@bp.get("/results/<raw_id>/callbacks")
+def callbacks(raw_id: str):
+    res = resources()
+    return {"callbacks": service.callback_deliveries(res.pool, validation.task_id(raw_id), owner=current_owner())}
 
 
 @bp.post("/results/<raw_id>/retry")

@@ -14,12 +14,14 @@ from typing import Any
 from asyncproc.errors import BatchTooLarge, InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
 from asyncproc.operations import MAX_TIMEOUT_SECONDS, InvalidInput, registry
+from asyncproc.webhooks import AllowList, CallbackRefused, check_url
 
 DEFAULT_OPERATION = "compute"
 OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,255}$")
 TOP_LEVEL_FIELDS = frozenset(
-    {"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts", "timeout_seconds"}
+    {"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts", "timeout_seconds",
+     "callback_url"}
 )
 MAX_DEPTH = 32
 PRIORITY_LIMIT = 1_000_000
@@ -142,6 +144,24 @@ def _operation(body: dict[str, Any], data: dict[str, Any]) -> str:
     return operation
 
 
+def _callback_url(body: dict[str, Any], allow: AllowList, can_sign: bool) -> str | None:
+    url = body.get("callback_url")
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise InvalidRequest("callback_url must be a string", [{"field": "callback_url"}])
+    if not can_sign:
+        raise InvalidRequest(
+            "callback_url needs an API key (ASYNCPROC_AUTH=required) or ASYNCPROC_CALLBACK_SECRET to sign the calls",
+            [{"field": "callback_url"}],
+        )
+    try:
+        check_url(url, allow)
+    except CallbackRefused as exc:
+        raise InvalidRequest(str(exc), [{"field": "callback_url"}]) from None
+    return url
+
+
 def new_task(
     body: Any,
     *,
@@ -149,6 +169,8 @@ def new_task(
     idempotency_key: str | None,
     request_id: str | None,
     owner: int | None = None,
+    callback_allow: AllowList = AllowList(),
+    can_sign: bool = False,
 ) -> NewTask:
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object")
@@ -204,6 +226,7 @@ def new_task(
         request_id=request_id,
         owner=owner,
         idempotency_fingerprint=fingerprint,
+        callback_url=_callback_url(body, callback_allow, can_sign),
     )
 
 
@@ -229,7 +252,13 @@ def _canonical(value: Any) -> Any:
 
 
 def new_tasks(
-    body: Any, *, default_max_attempts: int, request_id: str | None, owner: int | None = None
+    body: Any,
+    *,
+    default_max_attempts: int,
+    request_id: str | None,
+    owner: int | None = None,
+    callback_allow: AllowList = AllowList(),
+    can_sign: bool = False,
 ) -> list[NewTask]:
     """A batch `{"tasks": [...]}`: each item as for POST /process; errors name the item."""
     if not isinstance(body, dict) or set(body) != {"tasks"} or not isinstance(body["tasks"], list):
@@ -252,6 +281,8 @@ def new_tasks(
                     idempotency_key=None,
                     request_id=request_id,
                     owner=owner,
+                    callback_allow=callback_allow,
+                    can_sign=can_sign,
                 )
             )
         except InvalidRequest as exc:

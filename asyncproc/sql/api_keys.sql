@@ -56,3 +56,8 @@ RETURNING granted, tokens
 -- A bucket untouched for longer than it takes to refill is full: forgetting it changes nothing.
 DELETE FROM api_rate_buckets
 WHERE updated_at < clock_timestamp() - make_interval(secs => %(idle_seconds)s)
+
+-- name: api_key_callback_secret
+SELECT callback_secret
+FROM api_keys
+WHERE name = %(name)s AND revoked_at IS NULL

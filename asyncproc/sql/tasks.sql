@@ -3,10 +3,10 @@
 
 -- name: task_insert
 INSERT INTO tasks (operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id, owner,
-                   timeout_seconds, idempotency_fingerprint)
+                   timeout_seconds, idempotency_fingerprint, callback_url)
 VALUES (%(operation)s, %(payload)s, %(max_attempts)s, %(priority)s,
         COALESCE(%(run_at)s, now()), %(idempotency_key)s, %(request_id)s, %(owner)s,
-        %(timeout_seconds)s, %(idempotency_fingerprint)s)
+        %(timeout_seconds)s, %(idempotency_fingerprint)s, %(callback_url)s)
 ON CONFLICT ((COALESCE(owner, 0)), idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
@@ -21,7 +21,7 @@ WHERE COALESCE(owner, 0) = COALESCE(%(owner)s, 0) AND idempotency_key = %(idempo
 -- name: task_get
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id, owner
+       idempotency_key, request_id, owner, wait_reason
 FROM tasks
 WHERE task_id = %(task_id)s
 
@@ -87,13 +87,13 @@ SELECT asyncproc_worker_progress(%(task_id)s, %(attempt)s, %(progress)s, %(messa
 -- every job in one call. The ids are chosen by the caller, which keeps the
 -- answer in request order without relying on RETURNING's row order.
 INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, request_id, owner,
-                   timeout_seconds)
+                   timeout_seconds, callback_url)
 SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), %(request_id)s, t.owner,
-       t.timeout_seconds
+       t.timeout_seconds, t.callback_url
 FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[],
             %(max_attempts)s::integer[], %(priorities)s::integer[], %(run_ats)s::timestamptz[],
-            %(owners)s::bigint[], %(timeouts)s::double precision[])
-     AS t(task_id, operation, payload, max_attempts, priority, run_at, owner, timeout_seconds)
+            %(owners)s::bigint[], %(timeouts)s::double precision[], %(callback_urls)s::text[])
+     AS t(task_id, operation, payload, max_attempts, priority, run_at, owner, timeout_seconds, callback_url)
 
 -- name: tasks_count_active_of_owner
 -- One key's pending and running tasks, for its quota (tasks_owner_active_idx).

@@ -65,3 +65,13 @@ def test_header_tokens_are_printable_ascii():
 def test_a_malformed_task_id_is_not_found():
     with pytest.raises(TaskNotFound):
         validation.task_id("12345")
+
+
+def test_a_callback_url_needs_a_signing_secret_and_an_allowed_host():
+    body = {"callback_url": "https://hooks.example.com/done"}
+    with pytest.raises(InvalidRequest, match="needs an API key"):
+        make(body)
+    assert make(body, can_sign=True).callback_url == "https://hooks.example.com/done"
+    with pytest.raises(InvalidRequest, match="not public"):
+        make({"callback_url": "http://127.0.0.1:8080/"}, can_sign=True)
+    assert make({}, can_sign=True).callback_url is None
