@@ -162,7 +162,7 @@ def test_batch_items_take_callbacks_and_a_cancel_is_reported_too(hooked, receive
     hook = f"{receiver.base_url}/ok"
     response = requests.post(
         f"{hooked.base_url}/process/batch",
-        json={"tasks": [{"data": {"n": 7}, "callback_url": hook}, {"operation": "sleep", "data": {"seconds": 60}, "callback_url": hook}]},
+        json={"tasks": [{"data": {"n": 7}, "callback_url": hook}, {"operation": "sleep", "data": {"seconds": 60}, "delay_seconds": 60, "callback_url": hook}]},
         headers={"Authorization": f"Bearer {api_key}"},
         timeout=10,
     )
