@@ -431,12 +431,28 @@ class ProcessPool:
             args=(theirs, stop_event, self._operations_module),
             name="asyncproc-handler",
         )
+        starting = asyncio.get_running_loop().run_in_executor(self._starter, process.start)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._starter, process.start)
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # A cancel of the task, or a shutdown, while the process starts: the
+            # start goes on in the starter thread, and a process nobody tracks
+            # would outlive its task and hold the worker's exit. Stop it.
+            await asyncio.wait({starting})
+            if process.pid is not None:
+                child = _Child(process, ours, stop_event)
+                child.kill()
+                await child.reap()
+            raise
         finally:
             theirs.close()
         child = _Child(process, ours, stop_event)
-        await child.open()
+        try:
+            await child.open()
+        except asyncio.CancelledError:
+            child.kill()
+            await child.reap()
+            raise
         return child
 
     async def close(self) -> None:
