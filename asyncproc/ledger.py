@@ -172,6 +172,19 @@ async def task_mark_completed(
     return await _one(conn, "task_mark_completed", params)
 
 
+async def tasks_mark_completed(
+    conn: psycopg.AsyncConnection, outcomes: list[tuple[UUID, int, Any]]
+) -> dict[UUID, Task]:
+    """Record many (task_id, attempt, result) outcomes at once; the tasks whose fence held, by id."""
+    params = {
+        "task_ids": [task_id for task_id, _, _ in outcomes],
+        "attempts": [attempt for _, attempt, _ in outcomes],
+        "results": [Jsonb(result) for _, _, result in outcomes],
+    }
+    cursor = await conn.execute(query("tasks_mark_completed"), params)
+    return {task.task_id: task for task in map(_task, await cursor.fetchall())}
+
+
 async def task_mark_failed(
     conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, error_message: str
 ) -> Task | None:

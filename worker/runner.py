@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable
+from uuid import UUID
 
 import psycopg
 import psycopg_pool
@@ -22,6 +23,7 @@ from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
 from asyncproc.operations import Operation, PermanentError, Registry, TaskContext
 from asyncproc.service import encode_document
+from worker.completer import Completer
 from worker.metrics import WorkerMetrics
 from worker.pool import AttemptStopped, Call, HandlerError, ProcessPool
 
@@ -59,6 +61,7 @@ class Runner:
         self.metrics.running.set_function(lambda: self.in_flight + self.processes.running)
         # The asyncio tasks running a task now, for interrupt().
         self._runs: set[asyncio.Task] = set()
+        self.completer = Completer(self._write_completions)
 
     async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
         """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql)."""
@@ -194,10 +197,14 @@ class Runner:
             await self._fail(task, f"the handler's result cannot be stored as JSON: {exc}", retry=False)
             return
         try:
-            done = await self._write(ledger.task_mark_completed, task.task_id, task.attempts, result)
-        except psycopg.DataError as exc:
-            await self._fail(task, f"the handler's result cannot be stored: {exc}", retry=False)
-            return
+            done = await self.completer.complete(task.task_id, task.attempts, result)
+        except psycopg.DataError:
+            # One result the database refuses fails its whole batch: each is then written alone.
+            try:
+                done = await self._write(ledger.task_mark_completed, task.task_id, task.attempts, result)
+            except psycopg.DataError as exc:
+                await self._fail(task, f"the handler's result cannot be stored: {exc}", retry=False)
+                return
         if done is None:
             log.warning("task %s changed while it ran (cancelled or re-queued); result discarded", task.task_id)
             return
@@ -287,7 +294,10 @@ class Runner:
         base = self.settings.retry_backoff_seconds * 2 ** (attempt - 1)
         return min(base, self.settings.retry_backoff_max_seconds) * random.uniform(0.8, 1.2)
 
-    async def _write(self, write: Callable[..., Awaitable[Task | None]], *args: Any) -> Task | None:
+    async def _write_completions(self, outcomes: list[tuple[UUID, int, Any]]) -> dict[UUID, Task]:
+        return await self._write(ledger.tasks_mark_completed, outcomes)
+
+    async def _write(self, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Record an outcome, waiting out a database outage: the run already happened."""
         deadline = time.monotonic() + DB_OUTAGE_PATIENCE_SECONDS
         delay = 0.2

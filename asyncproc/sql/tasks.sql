@@ -34,6 +34,13 @@ SELECT task_id, operation, payload, status, result, error_message, attempts, max
        idempotency_key, request_id, owner
 FROM asyncproc_worker_complete(%(task_id)s, %(attempt)s, %(result)s)
 
+-- name: tasks_mark_completed
+-- Many outcomes in one statement (migrations/0014), each fenced like task_mark_completed.
+SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+       idempotency_key, request_id, owner
+FROM asyncproc_worker_complete_many(%(task_ids)s, %(attempts)s, %(results)s)
+
 -- name: task_mark_failed
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
        priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from asyncproc import db, ledger, migrate
 from asyncproc.config import Settings
@@ -114,6 +115,19 @@ def test_outcome_writes_use_the_primary_key(explained):
     plans()
     conn.execute(db.query("task_mark_retry"), {
         "task_id": claimed["task_id"], "attempt": claimed["attempts"], "error_message": "boom", "delay_seconds": 0,
+    })
+    assert_indexed(plans())
+
+
+def test_the_batched_completion_probes_the_primary_key(explained):
+    conn, plans = explained
+    worker_id = _new_worker(conn)
+    claimed = [_fetch(conn, worker_id)["args"]["claimed"] for _ in range(3)]
+    plans()
+    conn.execute(db.query("tasks_mark_completed"), {
+        "task_ids": [c["task_id"] for c in claimed],
+        "attempts": [c["attempts"] for c in claimed],
+        "results": [Jsonb({"n": i}) for i in range(3)],
     })
     assert_indexed(plans())
 

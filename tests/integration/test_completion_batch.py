@@ -1,0 +1,63 @@
+"""Batched completion (migrations/0014): many outcomes in one statement, each behind its own attempt's fence."""
+
+from __future__ import annotations
+
+from psycopg.types.json import Jsonb
+
+from asyncproc import db
+from tests.integration.test_dispatch import fetch, register_worker, task_row
+from tests.integration.test_tasks_table import insert_task
+
+
+def complete_many(conn, outcomes: list[tuple[str, int, object]]) -> set[str]:
+    rows = conn.execute(db.query("tasks_mark_completed"), {
+        "task_ids": [task_id for task_id, _, _ in outcomes],
+        "attempts": [attempt for _, attempt, _ in outcomes],
+        "results": [Jsonb(result) for _, _, result in outcomes],
+    }).fetchall()
+    return {str(row["task_id"]) for row in rows}
+
+
+def test_one_batch_records_only_the_outcomes_whose_attempt_is_still_running(clean_db):
+    conn = clean_db
+    worker = register_worker(conn)
+    ok, cancelled, superseded = (str(insert_task(conn)) for _ in range(3))
+    running = {}
+    for _ in range(3):
+        claimed = fetch(conn, worker)["args"]["claimed"]
+        running[claimed["task_id"]] = claimed["attempts"]
+    assert set(running) == {ok, cancelled, superseded}
+    conn.execute("SELECT * FROM asyncproc_cancel(%s)", (cancelled,))
+    # The superseded attempt: cancelled, retried by an operator and claimed again as attempt 2.
+    conn.execute("SELECT * FROM asyncproc_cancel(%s)", (superseded,))
+    conn.execute("SELECT * FROM asyncproc_retry(%s)", (superseded,))
+    again = fetch(conn, worker)["args"]["claimed"]
+    assert again["task_id"] == superseded and again["attempts"] == 2
+    never_claimed = str(insert_task(conn))
+
+    recorded = complete_many(conn, [
+        (ok, running[ok], {"v": "ok"}),
+        (cancelled, running[cancelled], {"v": "late"}),
+        (superseded, 1, {"v": "stale"}),
+        (never_claimed, 0, {"v": "never"}),
+    ])
+
+    assert recorded == {ok}
+    assert task_row(conn, ok)["status"] == "completed"
+    assert conn.execute("SELECT result FROM tasks WHERE task_id = %s", (ok,)).fetchone()["result"] == {"v": "ok"}
+    assert task_row(conn, cancelled)["status"] == "cancelled"
+    assert task_row(conn, superseded)["status"] == "running"
+    assert task_row(conn, superseded)["attempts"] == 2
+    assert task_row(conn, never_claimed)["status"] == "pending"
+    # The current attempt of the superseded task still records its own outcome.
+    assert complete_many(conn, [(superseded, 2, None)]) == {superseded}
+
+
+def test_a_repeated_outcome_is_recorded_once(clean_db):
+    conn = clean_db
+    worker = register_worker(conn)
+    task_id = str(insert_task(conn))
+    attempt = fetch(conn, worker)["args"]["claimed"]["attempts"]
+    assert complete_many(conn, [(task_id, attempt, 1)]) == {task_id}
+    assert complete_many(conn, [(task_id, attempt, 2)]) == set()
+    assert conn.execute("SELECT result FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["result"] == 1
