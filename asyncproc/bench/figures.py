@@ -12,6 +12,7 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -169,7 +170,7 @@ def _drain_rate(h: Harness, committed: float, left_sql: str, end_sql: str, tasks
     # Polls count what is left, through small index ranges: a poll must cost
     # the same with a million finished rows in the table as with none.
     def done() -> bool:
-        return h.conn.execute(left_sql).fetchone()["n"] == 0
+        return h.conn.execute(left_sql, {"committed": committed, "tasks": tasks}).fetchone()["n"] == 0
 
     wait_until(done, 600, f"{tasks} no-op tasks to complete", interval=0.02)
     ended = h.conn.execute(end_sql, {"committed": committed}).fetchone()["t"]
@@ -188,6 +189,20 @@ def worker_rate(h: Harness, tasks: int, operation: str = "bench.noop") -> float:
         "SELECT count(*) AS n FROM tasks WHERE status IN ('pending', 'running')",
         "SELECT extract(epoch FROM max(completed_at))::float8 AS t FROM tasks"
         " WHERE status = 'completed' AND completed_at >= to_timestamp(%(committed)s)",
+        tasks,
+    )
+
+
+def backlog_worker_rate(h: Harness, tasks: int) -> float:
+    """worker_rate() on top of a backlog (Harness.seed_backlog), which the count of what is left must not read."""
+    h.conn.execute("INSERT INTO tasks (operation, payload) SELECT 'bench.noop', '{}' FROM generate_series(1, %s)", (tasks,))
+    committed = time.time()
+    return _drain_rate(
+        h,
+        committed,
+        "SELECT %(tasks)s - count(*) AS n FROM tasks WHERE completed_at >= to_timestamp(%(committed)s)",
+        "SELECT extract(epoch FROM max(completed_at))::float8 AS t FROM tasks"
+        " WHERE completed_at >= to_timestamp(%(committed)s)",
         tasks,
     )
 
@@ -211,6 +226,39 @@ def plain_worker_rate(h: Harness, tasks: int) -> float:
         " WHERE type = 'succeeded' AND at >= to_timestamp(%(committed)s)",
         tasks,
     )
+
+
+# -- figure 10: sustained load -------------------------------------------
+
+@dataclass
+class Sustained:
+    seconds: float
+    accepted: int
+    completed: int
+    backlog_at_end: int
+    drained_after: float | None  # seconds after the end until nothing was left; None if not within the wait
+
+
+def sustained(h: Harness, connections: int, seconds: float, drain_wait: float) -> Sustained:
+    """POST /process from `connections` clients for `seconds` while the workers run; then watch the rest drain."""
+    left_sql = "SELECT count(*) AS n FROM tasks WHERE status IN ('pending', 'running')"
+    started = time.time()
+    result = post_load(h, connections, seconds)
+    ended = time.time()
+    window = {"started": started, "ended": ended}
+    completed = h.conn.execute(
+        "SELECT count(*) AS n FROM tasks WHERE completed_at BETWEEN to_timestamp(%(started)s) AND to_timestamp(%(ended)s)",
+        window,
+    ).fetchone()["n"]
+    backlog = h.conn.execute(left_sql).fetchone()["n"]
+    drained_after: float | None = None
+    deadline = time.monotonic() + drain_wait
+    while time.monotonic() < deadline:
+        if h.conn.execute(left_sql).fetchone()["n"] == 0:
+            drained_after = time.time() - ended
+            break
+        time.sleep(0.05)
+    return Sustained(result.seconds, len(result.latencies), completed, backlog, drained_after)
 
 
 # -- figure 6: completed -> ?wait answered -------------------------------

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 SEED_REQUEST_ID = "bench-seed"
+BACKLOG_REQUEST_ID = "bench-backlog"
 
 
 
@@ -246,3 +247,39 @@ class Harness:
 
     def remove_seed(self) -> None:
         self.conn.execute("TRUNCATE tasks")
+
+    def seed_backlog(self, rows: int) -> float:
+        """Queue `rows` more pending tasks, each with its job, and never ANALYZE; returns the seconds it took.
+
+        Real queued jobs, as the insert trigger makes them (asyncproc_defer_jobs),
+        written by one INSERT each with the triggers off for speed. They wait a
+        day at the lowest priority, so that the workers of figures 4 and 5 take
+        the figure's own tasks first and never start on the backlog, while every
+        fetch, insert and deferral still runs against the whole of it.
+        """
+        start = time.perf_counter()
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL session_replication_role = replica")
+            self.conn.execute(
+                """
+                WITH queued AS (
+                    INSERT INTO tasks (operation, payload, priority, scheduled_at, request_id)
+                    SELECT 'bench.noop', '{}', -1, now() + interval '1 day', %s FROM generate_series(1, %s)
+                    RETURNING task_id, priority, scheduled_at
+                )
+                INSERT INTO procrastinate_jobs (queue_name, task_name, priority, queueing_lock, args, scheduled_at)
+                SELECT 'asyncproc', 'asyncproc.run_task', priority, task_id::text,
+                       jsonb_build_object('task_id', task_id), scheduled_at
+                FROM queued
+                """,
+                (BACKLOG_REQUEST_ID, rows),
+            )
+        self.conn.execute("CHECKPOINT")
+        return time.perf_counter() - start
+
+    def remove_figure_tasks(self) -> None:
+        """Remove what a figure queued on top of the backlog, keeping the backlog and its statistics."""
+        self.conn.execute("DELETE FROM tasks WHERE request_id IS DISTINCT FROM %s", (BACKLOG_REQUEST_ID,))
+        self.conn.execute("DELETE FROM procrastinate_jobs WHERE priority <> -1 OR status <> 'todo'")
+        self.conn.execute("TRUNCATE procrastinate_events")
+        self.conn.execute("CHECKPOINT")

@@ -27,7 +27,7 @@ FIGURES = [
     "| 7 GET /results, Redis off",
     "rows: figure 1 |",
     "rows: figure 4 |",
-    "figure 5 (2 processes) |",
+    "rows: figure 5 (2 processes) |",
     "tasks: figure 1 |",
     "tasks: figure 4 |",
     "tasks: GET /metrics |",
@@ -35,6 +35,13 @@ FIGURES = [
     "tasks: prune rate |",
     "tasks: figure 1 while pruning |",
     "tasks: figure 2 (16 connections) while pruning |",
+    "| 9 with 2,000 pending: POST /process, 16 connections |",
+    "| 9 with 2,000 pending: bare INSERT, 1 connection |",
+    "| 9 with 10,000 pending: POST /process, 16 connections |",
+    "| 9 with 10,000 pending: bare INSERT, 1 connection |",
+    "| 9 with 10,000 pending: figure 4 |",
+    "| 9 with 10,000 pending: figure 5 (2 processes) |",
+    "| 10 sustained: 16 clients",
 ]
 
 
@@ -44,7 +51,7 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
     env = {**os.environ, "ASYNCPROC_LOG_LEVEL": "WARNING"}
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "bench", "--quick"],
-        env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
