@@ -168,9 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="start the service and measure it (embedded PostgreSQL without DATABASE_URL)")
-    bench.add_argument("--quick", action="store_true", help="run every figure briefly (about a minute)")
+    bench.add_argument("--quick", action="store_true", help="run every figure briefly (a few minutes)")
     bench.add_argument("--ledger-rows", type=_integer(1, 1_000_000_000),
                        help="rows in figure 11's ledger (default 10,000,000; 20,000 with --quick)")
+    bench.add_argument("--output", metavar="FILE", help="also write the markdown tables to FILE (for the README)")
     return parser
 
 
@@ -271,7 +272,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from asyncproc.bench import run as bench
 
-        return bench.run(settings, quick=args.quick, ledger_rows=args.ledger_rows)
+        return bench.run(settings, quick=args.quick, ledger_rows=args.ledger_rows, output=args.output)
     database_url = locate.database_url(settings)
     if args.command == "psql":
         psql = locate.psql_path()

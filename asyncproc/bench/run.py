@@ -7,6 +7,7 @@ import platform
 import statistics
 import sys
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from importlib import metadata
 from typing import Callable, TextIO
 
@@ -90,12 +91,14 @@ class Bench:
         self.plan = plan
         self.out = out
         self.rows: list[Row] = []
+        self.setup: list[tuple[str, str]] = []
         self.h = Harness(settings, settings.worker_concurrency)
 
     def say(self, text: str) -> None:
         print(f"bench: {text}", file=sys.stderr, flush=True)
 
     def run(self) -> int:
+        self.load_at_start = os.getloadavg()
         try:
             self.h.start()
             setup = self._setup()
@@ -107,7 +110,8 @@ class Bench:
             self._sustained()
         finally:
             self.h.close()
-        self._print(setup)
+        self.setup = setup
+        self.print_tables()
         return 0
 
     def _setup(self) -> list[tuple[str, str]]:
@@ -117,6 +121,7 @@ class Bench:
         fsync = conn.execute("SHOW fsync").fetchone()["fsync"]
         s = self.settings
         return [
+            ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
             ("python", platform.python_version()),
             ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync})"),
             ("procrastinate", metadata.version("procrastinate")),
@@ -124,6 +129,8 @@ class Bench:
             ("worker", f"concurrency {s.worker_concurrency} per process"),
             ("redis", "yes" if self.h.redis_url else "no (cache figures n/a)"),
             ("host cores", str(os.cpu_count())),
+            # Other work on the host moves every figure: the load at the start says whether the run had it alone.
+            ("load average at start", " ".join(f"{load:.2f}" for load in self.load_at_start)),
             ("runs", f"{self.plan.runs} per figure, median shown{' (--quick)' if self.plan.runs == 1 else ''}"),
         ]
 
@@ -426,9 +433,9 @@ class Bench:
 
     # -- output ----------------------------------------------------------
 
-    def _print(self, setup: list[tuple[str, str]]) -> None:
+    def print_tables(self) -> None:
         print("| setup | |\n|---|---|", file=self.out)
-        for name, value in setup:
+        for name, value in self.setup:
             print(f"| {name} | {value} |", file=self.out)
         print(file=self.out)
         print("| figure | measured | reference, same run | target | |\n|---|---|---|---|---|", file=self.out)
@@ -437,8 +444,15 @@ class Bench:
         self.out.flush()
 
 
-def run(settings: Settings, quick: bool, out: TextIO = sys.stdout, ledger_rows: int | None = None) -> int:
+def run(settings: Settings, quick: bool, out: TextIO = sys.stdout, ledger_rows: int | None = None,
+        output: str | None = None) -> int:
     plan = Plan.quick() if quick else Plan.full()
     if ledger_rows is not None:
         plan = replace(plan, ledger_rows=ledger_rows)
-    return Bench(settings, plan, out).run()
+    bench = Bench(settings, plan, out)
+    status = bench.run()
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as file:
+            bench.out = file
+            bench.print_tables()
+    return status

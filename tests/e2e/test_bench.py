@@ -50,17 +50,18 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
     # that server; without, it runs a throwaway embedded PostgreSQL.
     env = {**os.environ, "ASYNCPROC_LOG_LEVEL": "WARNING"}
     result = subprocess.run(
-        [sys.executable, "-m", "asyncproc.cli", "bench", "--quick"],
+        [sys.executable, "-m", "asyncproc.cli", "bench", "--quick", "--output", str(tmp_path / "bench.md")],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
+    assert (tmp_path / "bench.md").read_text() == table
     for figure in FIGURES:
         assert sum(figure in line for line in table.splitlines()) == 1, f"{figure!r} missing from:\n{table}"
     for line in table.splitlines():
         if "target" not in line and any(t in line for t in ("< ", "≥ ")):
             assert line.rstrip().endswith(("| PASS |", "| MISS |")), line
-    assert "| host cores |" in table and "| procrastinate |" in table
+    assert "| host cores |" in table and "| load average at start |" in table and "| procrastinate |" in table
     # A loose bound on figure 9 (the target is 2x, measured by the bench): a
     # thread-per-waiter server would stall POSTs for seconds, not milliseconds.
     [siege] = [line for line in table.splitlines() if "| 9 POST" in line]
