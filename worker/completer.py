@@ -50,13 +50,17 @@ class Completer:
             batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
             try:
                 recorded = await self._write([outcome for outcome, _ in batch])
-            except BaseException as exc:
+            except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
                 continue
+            except BaseException:
+                # The loop is shutting down: the batch may or may not have committed, and a task
+                # left running is the stalled-task sweep's to run again.
+                for _, future in batch:
+                    future.cancel()
+                raise
             for (task_id, _, _), future in batch:
                 if not future.done():
                     future.set_result(recorded.get(task_id))
