@@ -230,6 +230,7 @@ def stranger(clean_db, database_url):
         "SELECT * FROM asyncproc_sweep(0)",
         "SELECT asyncproc_defer_jobs(ARRAY[%s]::uuid[], ARRAY[0], ARRAY[now()])",
         "SELECT * FROM asyncproc_worker_release(%s, 1, 'x')",
+        "SELECT * FROM asyncproc_worker_complete_many(ARRAY[%s]::uuid[], ARRAY[1], ARRAY['1'::jsonb])",
         "SELECT * FROM asyncproc_cancel(%s)",
     ],
 )
