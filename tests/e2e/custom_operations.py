@@ -21,6 +21,12 @@ async def async_echo(payload, ctx):
     return payload
 
 
+@operation("nul_result")
+async def nul_result(payload, ctx):
+    # Valid JSON that PostgreSQL's jsonb refuses: its write fails with a DataError.
+    return {"text": "a\u0000b"}
+
+
 @operation("steps")
 def steps(payload, ctx):
     """Reports progress through `count` steps of `seconds` each; honours cancellation."""

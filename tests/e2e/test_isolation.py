@@ -158,6 +158,17 @@ def test_a_result_the_worker_cannot_take_back_fails_the_task_not_the_worker(isol
     assert isolated.wait_finished(isolated.submit({"operation": "shout"}))["status"] == "completed"
 
 
+def test_a_result_the_database_refuses_fails_its_task_alone_not_its_completion_batch(isolated):
+    neighbours = [isolated.submit({"operation": "async_echo", "data": {"n": n}}) for n in range(20)]
+    refused = isolated.submit({"operation": "nul_result"})
+    neighbours += [isolated.submit({"operation": "async_echo", "data": {"n": n}}) for n in range(20, 40)]
+    body = isolated.wait_finished(refused)
+    assert body["status"] == "failed" and "the handler's result cannot be stored" in body["error_message"]
+    for n, task_id in enumerate(neighbours):
+        body = isolated.wait_finished(task_id)
+        assert (body["status"], body["result"]) == ("completed", {"n": n})
+
+
 def test_cancelling_ignored_handlers_stops_them_within_a_second_and_frees_their_slots(isolated, runs_dir):
     hung = [isolated.submit({"operation": "hang", "data": {"seconds": 60}}) for _ in range(CONCURRENCY)]
     pids = {task_id: started(runs_dir, task_id)[0]["pid"] for task_id in hung}
