@@ -328,7 +328,7 @@ def _timed_gets(client, path: str, samples: int, before=None) -> list[float]:
     return latencies
 
 
-# -- figure 11: POST while many clients wait and many are slow -------------
+# -- figure 12: POST while many clients wait and many are slow -------------
 
 def post_latency_under_siege(port: int, waiters: int, slow: int, samples: int) -> tuple[list[float], list[float]]:
     """(idle, besieged): POST /process latencies from one client, alone and then

@@ -16,7 +16,7 @@ from asyncproc.bench.harness import Harness
 from asyncproc.config import Settings
 
 MS = 1000.0
-# Figure 11: long polls parked on one task, and clients sending a request a byte at a time.
+# Figure 12: long polls parked on one task, and clients sending a request a byte at a time.
 SIEGE_WAITERS = 1000
 SIEGE_SLOW = 100
 # A p99 needs a few hundred samples to be more than the one slowest request.
@@ -175,7 +175,7 @@ class Bench:
 
     def _siege(self) -> None:
         waiters, slow = SIEGE_WAITERS, SIEGE_SLOW
-        self.say(f"figure 11: POST /process with {waiters:,} waiting and {slow} slow clients")
+        self.say(f"figure 12: POST /process with {waiters:,} waiting and {slow} slow clients")
         samples = max(self.plan.post_samples, SIEGE_MIN_SAMPLES)
         pairs = [figures.post_latency_under_siege(self.h.port, waiters, slow, samples)
                  for _ in range(self.plan.runs)]
@@ -184,7 +184,7 @@ class Bench:
                 statistics.median(figures.percentile(i, 99) for i, _ in pairs))
         besieged = (statistics.median(figures.percentile(b, 50) for _, b in pairs),
                     statistics.median(figures.percentile(b, 99) for _, b in pairs))
-        self.rows.append(Row(f"11 POST /process latency, {waiters:,} waiting + {slow} slow clients",
+        self.rows.append(Row(f"12 POST /process latency, {waiters:,} waiting + {slow} slow clients",
                              _lat(besieged), "idle " + _lat(idle), "p99 ≤ 2× idle",
                              _verdict(besieged[1] <= 2 * idle[1])))
 

@@ -1,4 +1,4 @@
-"""Figure 11's crowd: long polls on a task that does not finish, and clients
+"""Figure 12's crowd: long polls on a task that does not finish, and clients
 sending their request a few bytes at a time.
 
 It runs in a process of its own, so that its event loop never competes with
