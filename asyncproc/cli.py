@@ -122,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = commands.add_parser("keys", help="API keys for ASYNCPROC_AUTH=required").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"
     )
-    key_commands.add_parser("create", help="create a key and print it (shown only this once)").add_argument("name")
+    create_key = key_commands.add_parser("create", help="create a key and print it (shown only this once)")
+    create_key.add_argument("name")
+    create_key.add_argument(
+        "--dashboard", choices=("read", "operate"), help="let the key sign in to /dashboard: to read, or also to retry and cancel"
+    )
     key_commands.add_parser("revoke", help="revoke the live key with this name").add_argument("name")
     key_commands.add_parser("list", help="list keys (never the keys themselves)")
     limit = key_commands.add_parser("limit", help="set a key's quota; a limit not given is removed")
@@ -308,7 +312,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         with db.connect(database_url, settings, "asyncproc-keys") as conn:
             quota = Quota(**{name: getattr(args, name, None) for name in keys.QUOTA_FIELDS})
-            return keys.run(conn, args.keys_command, getattr(args, "name", None), quota)
+            return keys.run(conn, args.keys_command, getattr(args, "name", None), quota, getattr(args, "dashboard", None))
     if args.command == "schedules":
         from asyncproc import schedules
 

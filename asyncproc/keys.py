@@ -60,13 +60,19 @@ def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def create(conn: psycopg.Connection, name: str) -> str:
-    """Store a new key under `name` and return it; this is the only time it is seen."""
+def create(conn: psycopg.Connection, name: str, dashboard_role: str | None = None) -> str:
+    """Store a new key under `name` and return it; this is the only time it is seen.
+
+    `dashboard_role` ('read' or 'operate') lets the key sign in to the dashboard.
+    """
     if not NAME_PATTERN.match(name):
         raise KeyCommandError("a key name is 1-100 letters, digits, '_', '.', '@' or '-'")
     secret = secrets.token_urlsafe(32)
     try:
-        row = conn.execute(query("api_key_insert"), {"name": name, "key_hash": _hash(secret)}).fetchone()
+        with conn.transaction():
+            row = conn.execute(query("api_key_insert"), {"name": name, "key_hash": _hash(secret)}).fetchone()
+            if dashboard_role is not None:
+                conn.execute(query("api_key_set_dashboard_role"), {"name": name, "dashboard_role": dashboard_role})
     except psycopg.errors.UniqueViolation:
         raise KeyCommandError(f"a live key named {name!r} exists; revoke it first") from None
     return f"{PREFIX}_{row['id']}_{secret}"
@@ -105,10 +111,12 @@ def list_keys(conn: psycopg.Connection) -> list[ApiKey]:
     return [ApiKey(quota=_quota(row), **row) for row in conn.execute(query("api_key_list"))]
 
 
-def run(conn: psycopg.Connection, action: str, name: str | None, quota: Quota = NO_QUOTA) -> int:
+def run(
+    conn: psycopg.Connection, action: str, name: str | None, quota: Quota = NO_QUOTA, dashboard_role: str | None = None
+) -> int:
     """`asyncproc keys create|revoke|limit|list`: print the outcome; the exit code."""
     if action == "create":
-        print(create(conn, name))
+        print(create(conn, name, dashboard_role))
         print(f"key {name!r} created; it is shown only this once", file=sys.stderr)
         print(f"its webhook signing secret: {callback_secret(conn, name)}", file=sys.stderr)
         return 0

@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         ),
     )
 
+    from asyncproc import dashboard
     from asyncproc.api import auth, compat, metrics, openapi, routes
 
     routes.init_app(app)
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     openapi.init_app(app)
     metrics.init_app(app)
     compat.init_app(app, settings)
+    dashboard.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

@@ -127,13 +127,17 @@ def results(raw_id: str):
 
 @bp.get("/results/<raw_id>/events")
 def result_events(raw_id: str):
+    return event_stream(validation.task_id(raw_id), current_owner())
+
+
+def event_stream(task_id: uuid.UUID, owner: int | None) -> Response:
+    """The task's changes as server-sent events; also the dashboard's live progress."""
     res = resources()
-    task_id = validation.task_id(raw_id)
     # An unknown id fails here, as a JSON 404, before streaming starts.
-    service.lookup(res.pool, res.cache, task_id, owner=current_owner())
+    service.lookup(res.pool, res.cache, task_id, owner=owner)
     last_event_id = validation.header_token(request.headers.get("Last-Event-ID"), "Last-Event-ID")
     release = res.waiters.admit(_waiter_key())
-    changes = res.waiters.stream_changes(task_id, current_owner(), last_event_id)
+    changes = res.waiters.stream_changes(task_id, owner, last_event_id)
     response = _parked(changes, release, "text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     return response
