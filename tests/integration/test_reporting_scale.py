@@ -96,3 +96,74 @@ def test_reporting_question_is_fast_on_a_million_rows(big_ledger, query, needs_i
     assert sorted(timings)[1] < budget, timings
     if needs_index:
         assert nodes & {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}, nodes
+
+
+# The dashboard's queries, each with parameters a person would use; every one
+# must find its rows through an index, never by reading all of tasks.
+_NO_FILTER = {"status": None, "operation": None, "created_from": None, "created_to": None, "error": None, "owner": None}
+_FAILED_FILTER = {**_NO_FILTER, "status": "failed", "operation": "fail"}
+DASHBOARD_QUERIES = [
+    ("dashboard_status_counts", {}),
+    ("dashboard_throughput", {"since": "1 hour"}),
+    ("dashboard_throughput", {"since": "24 hours"}),
+    ("dashboard_oldest_pending", {}),
+    ("dashboard_workers", {"alive_seconds": 30}),
+    ("dashboard_tasks_page", {**_NO_FILTER, "after_created_at": None, "after_task_id": None, "limit": 51}),
+    ("dashboard_tasks_page", {**_FAILED_FILTER, "after_created_at": None, "after_task_id": None, "limit": 51}),
+    ("dashboard_tasks_bulk_count", {**_FAILED_FILTER, "from_statuses": ["failed", "cancelled"]}),
+    ("dashboard_tasks_bulk_retry", _FAILED_FILTER),
+    ("dashboard_tasks_bulk_cancel", {**_NO_FILTER, "status": "pending"}),
+    ("dashboard_operation_latency", {"since": "1 hour"}),
+    ("task_get", {"task_id": "00000000-0000-0000-0000-000000000000"}),
+]
+DASHBOARD_PAGES = [
+    "/dashboard",
+    "/dashboard/tasks",
+    "/dashboard/tasks?status=failed&operation=fail",
+    "/dashboard/tasks?operation=sleep&from=2026-01-01T00:00",
+    "/dashboard/operations",
+    "/dashboard/workers",
+    "/dashboard/tasks/bulk?action=retry&status=failed",
+]
+
+
+def _scans_of_tasks(node: dict) -> list[str]:
+    found = [node["Node Type"]] if node.get("Relation Name") == "tasks" else []
+    for child in node.get("Plans", []):
+        found += _scans_of_tasks(child)
+    return found
+
+
+@pytest.mark.parametrize("name,params", DASHBOARD_QUERIES, ids=[f"{q[0]}-{i}" for i, q in enumerate(DASHBOARD_QUERIES)])
+def test_dashboard_query_never_reads_all_of_tasks(big_ledger, name, params):
+    from asyncproc.dashboard import queries
+
+    with db.connect(big_ledger) as conn:
+        # EXPLAIN without ANALYZE: the bulk changes are planned, not run.
+        plan = conn.execute(f"EXPLAIN (FORMAT JSON) {queries.bound_sql(conn, name, params)}").fetchone()
+    document = next(iter(plan.values()))
+    scans = _scans_of_tasks((json.loads(document) if isinstance(document, str) else document)[0]["Plan"])
+    assert "Seq Scan" not in scans, f"{name} reads all of tasks: {scans}"
+
+
+def test_dashboard_pages_answer_within_budget_on_a_million_rows(big_ledger):
+    from asyncproc.api import create_app
+
+    app = create_app(Settings(database_url=big_ledger))
+    client = app.test_client()
+    slow = {}
+    try:
+        for path in DASHBOARD_PAGES:
+            client.get(path)  # warm the cache, as a dashboard left open would be
+            timings = []
+            for _ in range(3):
+                response = client.get(path)
+                assert response.status_code == 200, (path, response.data[:500])
+                timings.append(float(response.headers["Server-Timing"].partition("dur=")[2]))
+            median = sorted(timings)[1]
+            print(f"{path}: {median:.1f} ms server time (median of 3)")
+            if median >= BUDGET_MS:
+                slow[path] = median
+    finally:
+        app.extensions["asyncproc"].close()
+    assert not slow, slow

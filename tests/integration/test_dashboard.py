@@ -1,0 +1,177 @@
+"""The dashboard's access rules, CSRF protection and actions, in process against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from asyncproc import keys
+from asyncproc.api import create_app
+from asyncproc.config import Settings
+
+TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def make_app(database_url: str, **settings):
+    return create_app(Settings(database_url=database_url, **settings))
+
+
+@pytest.fixture(scope="module")
+def guarded_app(database_url):
+    application = make_app(database_url, auth="required")
+    yield application
+    application.extensions["asyncproc"].close()
+
+
+@pytest.fixture(scope="module")
+def open_app(database_url):
+    application = make_app(database_url)
+    yield application
+    application.extensions["asyncproc"].close()
+
+
+def new_key(conn, role: str | None, name: str | None = None) -> str:
+    return keys.create(conn, name or f"dash-{uuid.uuid4().hex[:12]}", role)
+
+
+def pending_task(conn) -> str:
+    row = conn.execute(
+        "INSERT INTO tasks (operation, payload, scheduled_at) VALUES ('sleep', '{}', now() + interval '1 hour') RETURNING task_id"
+    ).fetchone()
+    return str(row["task_id"])
+
+
+def status_of(conn, task_id: str) -> str:
+    return conn.execute("SELECT status FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["status"]
+
+
+def sign_in(client, key: str):
+    return client.post("/dashboard/sign-in", data={"api_key": key, "next": "/dashboard/tasks"})
+
+
+def token_from(client, task_id: str) -> str:
+    page = client.get(f"/dashboard/tasks/{task_id}")
+    assert page.status_code == 200
+    return TOKEN.search(page.get_data(as_text=True)).group(1)
+
+
+def test_with_auth_required_the_dashboard_asks_for_a_key_with_a_dashboard_role(guarded_app, conn):
+    client = guarded_app.test_client()
+    asked = client.get("/dashboard/tasks?status=failed")
+    assert asked.status_code == 302
+    assert asked.headers["Location"].startswith("/dashboard/sign-in?next=/dashboard/tasks")
+    refused = sign_in(client, new_key(conn, None))
+    assert refused.status_code == 401
+    assert "no dashboard role" in refused.get_data(as_text=True)
+    assert sign_in(client, "apk_1_not-a-key").status_code == 401
+    assert client.get("/dashboard").status_code == 302
+
+
+def test_a_read_key_sees_but_cannot_act(guarded_app, conn):
+    client = guarded_app.test_client()
+    task_id = pending_task(conn)
+    signed_in = sign_in(client, new_key(conn, "read"))
+    assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/dashboard/tasks"
+    page = client.get(f"/dashboard/tasks/{task_id}").get_data(as_text=True)
+    assert 'id="cancel"' not in page
+    assert "Cancel all matching" not in client.get("/dashboard/tasks").get_data(as_text=True)
+    refused = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": token_from(client, task_id)})
+    assert refused.status_code == 403
+    assert "dashboard role is &#39;read&#39;" in refused.get_data(as_text=True)
+    assert status_of(conn, task_id) == "pending"
+
+
+def test_an_operate_key_acts_only_with_the_sessions_csrf_token(guarded_app, conn):
+    client = guarded_app.test_client()
+    task_id = pending_task(conn)
+    name = f"dash-{uuid.uuid4().hex[:12]}"
+    sign_in(client, new_key(conn, "operate", name))
+    assert client.post(f"/dashboard/tasks/{task_id}/cancel").status_code == 403
+    assert client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": "forged"}).status_code == 403
+    assert status_of(conn, task_id) == "pending"
+    done = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": token_from(client, task_id)})
+    assert done.status_code == 303
+    assert status_of(conn, task_id) == "cancelled"
+    # A second cancel is refused by asyncproc_cancel itself, with its own words.
+    again = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": token_from(client, task_id)})
+    assert again.status_code == 409
+    assert "only pending or running tasks can be cancelled" in again.get_data(as_text=True)
+    # The dashboard's cookie is not an API credential.
+    assert client.get(f"/results/{task_id}").status_code == 401
+    # Revoking the key ends its dashboard session at once.
+    keys.revoke(conn, name)
+    assert client.get("/dashboard/tasks").status_code == 302
+
+
+def test_with_auth_off_anyone_may_act_but_only_with_the_csrf_token(open_app, conn):
+    client = open_app.test_client()
+    task_id = pending_task(conn)
+    assert client.post(f"/dashboard/tasks/{task_id}/cancel").status_code == 403
+    other = open_app.test_client()
+    stolen_elsewhere = token_from(other, task_id)
+    assert client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": stolen_elsewhere}).status_code == 403
+    done = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": token_from(client, task_id)})
+    assert done.status_code == 303
+    assert status_of(conn, task_id) == "cancelled"
+    retried = client.post(f"/dashboard/tasks/{task_id}/retry", data={"csrf_token": token_from(client, task_id)})
+    assert retried.status_code == 303
+    assert status_of(conn, task_id) == "pending"
+
+
+def test_bulk_confirmation_counts_what_the_change_then_changes(open_app, conn):
+    operation = f"bulk{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        conn.execute("INSERT INTO tasks (operation, scheduled_at) VALUES (%s, now() + interval '1 hour')", (operation,))
+    client = open_app.test_client()
+    confirm = client.get(f"/dashboard/tasks/bulk?action=cancel&operation={operation}").get_data(as_text=True)
+    assert "This will cancel <strong>3</strong> task(s)" in confirm
+    assert "asyncproc_cancel(t.task_id)" in confirm
+    token = TOKEN.search(confirm).group(1)
+    done = client.post("/dashboard/tasks/bulk", data={"csrf_token": token, "action": "cancel", "operation": operation})
+    assert done.status_code == 303 and "done=cancel:3" in done.headers["Location"]
+    assert conn.execute(
+        "SELECT count(*) AS n FROM tasks WHERE operation = %s AND status = 'cancelled'", (operation,)
+    ).fetchone()["n"] == 3
+    recount = client.get(f"/dashboard/tasks/bulk?action=cancel&operation={operation}").get_data(as_text=True)
+    assert "This will cancel <strong>0</strong> task(s)" in recount
+    assert 'id="bulk-confirm"' not in recount
+
+
+def test_the_shown_sql_runs_in_psql_and_gives_the_page(open_app, conn, database_url):
+    task_id = pending_task(conn)
+    page = open_app.test_client().get("/dashboard/tasks?operation=sleep&status=pending").get_data(as_text=True)
+    shown = re.search(r'<details class="sql"><summary>Show SQL</summary><pre>(.*?)</pre>', page, re.S).group(1)
+    psql = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", database_url, "-c", html.unescape(shown)],
+        capture_output=True, text=True, check=True,
+    )
+    assert task_id in psql.stdout
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/dashboard/tasks?status=lost", 400),
+    ("/dashboard/tasks?from=yesterday", 400),
+    ("/dashboard/tasks?after=nonsense", 400),
+    ("/dashboard/tasks/not-a-uuid", 400),
+    (f"/dashboard/tasks/{uuid.uuid4()}", 404),
+    ("/dashboard/tasks/bulk?action=delete", 400),
+])
+def test_bad_input_is_a_clear_4xx_page(open_app, path, status):
+    response = open_app.test_client().get(path)
+    assert response.status_code == status
+    assert response.mimetype == "text/html"
+
+
+def test_keys_cli_grants_a_dashboard_role(database_url, conn):
+    name = f"cli-{uuid.uuid4().hex[:10]}"
+    created = subprocess.run(
+        [sys.executable, "-m", "asyncproc.cli", "keys", "create", name, "--dashboard", "read"],
+        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
+    )
+    assert created.stdout.startswith("apk_")
+    assert conn.execute("SELECT dashboard_role FROM api_keys WHERE name = %s", (name,)).fetchone() == {"dashboard_role": "read"}
