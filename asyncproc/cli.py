@@ -176,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ledger-rows", type=_integer(1, 1_000_000_000),
                        help="rows in figure 11's ledger (default 10,000,000; 20,000 with --quick)")
     bench.add_argument("--output", metavar="FILE", help="also write the markdown tables to FILE (for the README)")
+    bench.add_argument("--dashboard", type=_integer(1, 1_000_000_000), metavar="ROWS", help="instead: time the dashboard's pages with ROWS tasks")
     return parser
 
 
@@ -274,6 +275,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "up":
         return supervisor.run(settings, bind=args.bind, concurrency=args.concurrency)
     if args.command == "bench":
+        if args.dashboard is not None:
+            from asyncproc.bench import dashboard as dashboard_bench
+
+            return dashboard_bench.run(settings, rows=args.dashboard)
         from asyncproc.bench import run as bench
 
         return bench.run(settings, quick=args.quick, ledger_rows=args.ledger_rows, output=args.output)
