@@ -35,7 +35,7 @@ def per_minute(rows: Iterable[dict[str, Any]], now: datetime, minutes: int, titl
             failed[slot] += row["failed"]
     peak = max((c + f for c, f in zip(completed, failed)), default=0) or 1
     bar = WIDTH / minutes
-    width = max(bar - 0.5, 0.5) if minutes <= 120 else bar
+    width = max(bar - 0.5, 0.5) if minutes <= 120 else max(bar, 1.5)
     # One path per series, so that a day of minutes stays a few kilobytes.
     done_path, failed_path, titles = [], [], []
     for slot, (done, bad) in enumerate(zip(completed, failed)):

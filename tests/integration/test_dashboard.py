@@ -12,7 +12,8 @@ import pytest
 
 from asyncproc import keys
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import PROJECT_ROOT, Settings
+from asyncproc.embedded import find_bindir
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -147,7 +148,7 @@ def test_the_shown_sql_runs_in_psql_and_gives_the_page(open_app, conn, database_
     page = open_app.test_client().get("/dashboard/tasks?operation=sleep&status=pending").get_data(as_text=True)
     shown = re.search(r'<details class="sql"><summary>Show SQL</summary><pre>(.*?)</pre>', page, re.S).group(1)
     psql = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", database_url, "-c", html.unescape(shown)],
+        [str(find_bindir() / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", database_url, "-c", html.unescape(shown)],
         capture_output=True, text=True, check=True,
     )
     assert task_id in psql.stdout
@@ -175,3 +176,20 @@ def test_keys_cli_grants_a_dashboard_role(database_url, conn):
     )
     assert created.stdout.startswith("apk_")
     assert conn.execute("SELECT dashboard_role FROM api_keys WHERE name = %s", (name,)).fetchone() == {"dashboard_role": "read"}
+
+
+def test_the_docs_sql_runs_in_psql_and_retries_what_it_lists(database_url, conn, worker_conn):
+    task_id = conn.execute("INSERT INTO tasks (operation) VALUES ('fail') RETURNING task_id").fetchone()["task_id"]
+    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = 1 WHERE task_id = %s", (task_id,))
+    worker_conn.execute(
+        "UPDATE tasks SET status = 'failed', error_message = 'upstream Timeout' WHERE task_id = %s", (task_id,)
+    )
+    snippets = re.findall(r"```sql\n(.*?)```", (PROJECT_ROOT / "docs" / "dashboard.md").read_text(), re.DOTALL)
+    assert len(snippets) == 1
+    result = subprocess.run(
+        [str(find_bindir() / "psql"), database_url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"],
+        input=snippets[0], capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(task_id) in result.stdout
+    assert status_of(conn, str(task_id)) == "pending"
