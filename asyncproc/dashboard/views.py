@@ -16,7 +16,7 @@ from asyncproc.api.routes import event_stream
 from asyncproc.dashboard import access, charts, queries
 from asyncproc.dashboard.filters import PAGE_SIZE, STATUSES, BadFilter, TaskFilter, keyset, keyset_of
 from asyncproc.db import translate_errors
-from asyncproc.errors import AsyncprocError
+from asyncproc.errors import AsyncprocError, Conflict
 from asyncproc.operations import registry
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,24 @@ def bulk_confirm():
 def bulk_apply():
     action = _bulk_action(request.form.get("action"))
     task_filter = TaskFilter.from_args(request.form)
-    with translate_errors(), resources().pool.connection() as conn:
+    confirmed = _confirmed_count(request.form.get("confirmed"))
+    with translate_errors(), resources().pool.connection() as conn, conn.transaction():
         changed = queries.run(conn, BULK[action][0], task_filter.params()).rows[0]["changed"]
+        if changed != confirmed:
+            # Raised inside the transaction, so the change rolls back: the
+            # person agreed to a number, and this is not it.
+            raise Conflict(
+                f"{changed} task(s) match now, not the {confirmed} you confirmed; nothing was changed. "
+                "Review the count and confirm again."
+            )
     log.info("dashboard: bulk %s changed %s task(s) (filter %s)", action, changed, task_filter.args())
     return redirect(url_for("dashboard.tasks", **task_filter.args(), done=f"{action}:{changed}"), 303)
+
+
+def _confirmed_count(raw: str | None) -> int:
+    if raw is None or not raw.isdigit():
+        raise BadFilter("confirmed must be the count the confirmation showed")
+    return int(raw)
 
 
 @bp.get("/operations")

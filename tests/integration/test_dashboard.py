@@ -133,11 +133,19 @@ def test_bulk_confirmation_counts_what_the_change_then_changes(open_app, conn):
     assert "This will cancel <strong>3</strong> task(s)" in confirm
     assert "asyncproc_cancel(t.task_id)" in confirm
     token = TOKEN.search(confirm).group(1)
-    done = client.post("/dashboard/tasks/bulk", data={"csrf_token": token, "action": "cancel", "operation": operation})
-    assert done.status_code == 303 and "done=cancel:3" in done.headers["Location"]
+    form = {"csrf_token": token, "action": "cancel", "operation": operation, "confirmed": "3"}
+    conn.execute("INSERT INTO tasks (operation, scheduled_at) VALUES (%s, now() + interval '1 hour')", (operation,))
+    moved = client.post("/dashboard/tasks/bulk", data=form)
+    assert moved.status_code == 409
+    assert "4 task(s) match now, not the 3 you confirmed; nothing was changed" in moved.get_data(as_text=True)
+    assert conn.execute(
+        "SELECT count(*) AS n FROM tasks WHERE operation = %s AND status = 'pending'", (operation,)
+    ).fetchone()["n"] == 4
+    done = client.post("/dashboard/tasks/bulk", data={**form, "confirmed": "4"})
+    assert done.status_code == 303 and "done=cancel:4" in done.headers["Location"]
     assert conn.execute(
         "SELECT count(*) AS n FROM tasks WHERE operation = %s AND status = 'cancelled'", (operation,)
-    ).fetchone()["n"] == 3
+    ).fetchone()["n"] == 4
     recount = client.get(f"/dashboard/tasks/bulk?action=cancel&operation={operation}").get_data(as_text=True)
     assert "This will cancel <strong>0</strong> task(s)" in recount
     assert 'id="bulk-confirm"' not in recount
