@@ -247,7 +247,6 @@ def operations():
     grid = _grid(counts.rows)
     by_operation = {row["operation"]: row for row in latency.rows}
     names = sorted(set(registry.names()) | set(grid))
-    schemas = registry.input_schemas()
     return _page(
         "operations.html",
         counts=counts,
@@ -255,14 +254,14 @@ def operations():
         rows=[
             {
                 "name": name,
-                "registered": name in schemas,
-                "schema": schemas.get(name),
+                "operation": registry.find(name),
                 "counts": grid.get(name, dict.fromkeys(STATUSES, 0)),
                 "latency": by_operation.get(name),
             }
             for name in names
         ],
         statuses=STATUSES,
+        settings=resources().settings,
     )
 
 

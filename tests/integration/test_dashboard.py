@@ -201,3 +201,11 @@ def test_the_docs_sql_runs_in_psql_and_retries_what_it_lists(database_url, conn,
     assert result.returncode == 0, result.stderr
     assert str(task_id) in result.stdout
     assert status_of(conn, str(task_id)) == "pending"
+
+
+def test_operations_show_each_ones_limits_and_schema(open_app):
+    page = open_app.test_client().get("/dashboard/operations").get_data(as_text=True)
+    compute = page[page.index(">compute</a>"):].split("</tr>")[0]
+    assert "a process of its own" in compute
+    assert f"{Settings().handler_timeout_seconds} s (default)" in compute
+    assert "\"n\": {" in compute  # the input schema's property
