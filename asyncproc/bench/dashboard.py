@@ -48,8 +48,8 @@ def run(settings: Settings, rows: int, samples: int = 20, out: TextIO = sys.stdo
     h = Harness(settings, concurrency=1)
     try:
         h.start()
-        print(f"seeding {rows:,} finished tasks ...", file=out, flush=True)
-        seconds = h.seed_finished(rows)
+        print(f"seeding a month of {rows:,} finished tasks ...", file=out, flush=True)
+        seconds = h.seed_ledger(rows)
         print(f"seeded in {seconds:.1f} s", file=out, flush=True)
         connection = http.client.HTTPConnection("127.0.0.1", h.port, timeout=60)
         first_page = _get(connection, "/dashboard/tasks")[2]

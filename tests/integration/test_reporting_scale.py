@@ -102,13 +102,8 @@ def test_reporting_question_is_fast_on_a_million_rows(big_ledger, query, needs_i
 # must find its rows through an index, never by reading all of tasks.
 _NO_FILTER = {"status": None, "operation": None, "created_from": None, "created_to": None, "error": None, "owner": None}
 _FAILED_FILTER = {**_NO_FILTER, "status": "failed", "operation": "fail"}
-# asyncproc_status_counts counts every row of tasks until issue 13's exact
-# counts (migration 0010) replace the view. The plan check is strict: once they
-# are merged it passes, fails as XPASS, and these marks must go. The pages'
-# times sit near the budget on an idle machine, so theirs cannot be strict.
-_UNTIL_EXACT_COUNTS = "asyncproc_status_counts reads all of tasks until issue 13's exact counts are merged"
 DASHBOARD_QUERIES = [
-    pytest.param("dashboard_status_counts", {}, marks=pytest.mark.xfail(strict=True, reason=_UNTIL_EXACT_COUNTS)),
+    ("dashboard_status_counts", {}),
     ("dashboard_throughput", {"since": "1 hour"}),
     ("dashboard_throughput", {"since": "24 hours"}),
     ("dashboard_oldest_pending", {}),
@@ -122,11 +117,11 @@ DASHBOARD_QUERIES = [
     ("task_get", {"task_id": "00000000-0000-0000-0000-000000000000"}),
 ]
 DASHBOARD_PAGES = [
-    pytest.param("/dashboard", marks=pytest.mark.xfail(reason=_UNTIL_EXACT_COUNTS)),
+    "/dashboard",
     "/dashboard/tasks",
     "/dashboard/tasks?status=failed&operation=fail",
     "/dashboard/tasks?operation=sleep&from=2026-01-01T00:00",
-    pytest.param("/dashboard/operations", marks=pytest.mark.xfail(reason=_UNTIL_EXACT_COUNTS)),
+    "/dashboard/operations",
     "/dashboard/workers",
     "/dashboard/tasks/bulk?action=retry&status=failed",
 ]
