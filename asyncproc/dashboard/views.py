@@ -244,6 +244,8 @@ def operations():
     with translate_errors(), resources().pool.connection() as conn:
         counts = queries.run(conn, "dashboard_status_counts")
         latency = queries.run(conn, "dashboard_operation_latency", {"since": "1 hour"})
+        limits = queries.run(conn, "dashboard_operation_limits")
+        schedules = queries.run(conn, "dashboard_schedules")
     grid = _grid(counts.rows)
     by_operation = {row["operation"]: row for row in latency.rows}
     names = sorted(set(registry.names()) | set(grid))
@@ -251,6 +253,8 @@ def operations():
         "operations.html",
         counts=counts,
         latency=latency,
+        limits=limits,
+        schedules=schedules,
         rows=[
             {
                 "name": name,

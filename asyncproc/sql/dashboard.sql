@@ -81,3 +81,15 @@ UPDATE api_keys
 SET dashboard_role = %(dashboard_role)s
 WHERE name = %(name)s AND revoked_at IS NULL
 RETURNING id
+
+-- name: dashboard_operation_limits
+-- Per-operation limits, as `asyncproc limits` and SQL set them.
+SELECT operation, max_running, rate_per_second, burst, paused, updated_at
+FROM asyncproc_operation_settings
+ORDER BY operation
+
+-- name: dashboard_schedules
+-- Periodic tasks, as `asyncproc schedules` and SQL set them.
+SELECT name, cron, every_seconds, operation, enabled, catch_up, next_run_at, last_run_at
+FROM asyncproc_schedules
+ORDER BY name

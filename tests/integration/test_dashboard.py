@@ -209,3 +209,27 @@ def test_operations_show_each_ones_limits_and_schema(open_app):
     assert "a process of its own" in compute
     assert f"{Settings().handler_timeout_seconds} s (default)" in compute
     assert "\"n\": {" in compute  # the input schema's property
+
+
+def test_operations_show_the_fleets_limits_and_schedules(open_app, conn):
+    conn.execute(
+        "INSERT INTO asyncproc_operation_settings (operation, max_running, rate_per_second, burst, paused)"
+        " VALUES ('sleep', 2, 5, 10, true)"
+        " ON CONFLICT (operation) DO UPDATE SET max_running = 2, rate_per_second = 5, burst = 10, paused = true"
+    )
+    name = f"nightly-{uuid.uuid4().hex[:6]}"
+    conn.execute(
+        "INSERT INTO asyncproc_schedules (name, cron, operation) VALUES (%s, '0 3 * * *', 'compute')", (name,)
+    )
+    try:
+        page = open_app.test_client().get("/dashboard/operations").get_data(as_text=True)
+        limits = page[page.index('<table id="limits">'):].split("</table>")[0]
+        sleep_row = limits[limits.index("<td>sleep</td>"):].split("</tr>")[0]
+        assert re.findall(r'<td class="num">([^<]*)</td>', sleep_row) == ["2", "5.0", "10"]
+        assert "paused" in sleep_row
+        schedules = page[page.index('<table id="schedules">'):].split("</table>")[0]
+        assert name in schedules and "<code>0 3 * * *</code>" in schedules
+        assert "FROM asyncproc_operation_settings" in page and "FROM asyncproc_schedules" in page
+    finally:
+        conn.execute("DELETE FROM asyncproc_operation_settings WHERE operation = 'sleep'")
+        conn.execute("DELETE FROM asyncproc_schedules WHERE name = %s", (name,))

@@ -114,6 +114,8 @@ DASHBOARD_QUERIES = [
     ("dashboard_tasks_bulk_retry", _FAILED_FILTER),
     ("dashboard_tasks_bulk_cancel", {**_NO_FILTER, "status": "pending"}),
     ("dashboard_operation_latency", {"since": "1 hour"}),
+    ("dashboard_operation_limits", {}),
+    ("dashboard_schedules", {}),
     ("task_get", {"task_id": "00000000-0000-0000-0000-000000000000"}),
 ]
 DASHBOARD_PAGES = [
