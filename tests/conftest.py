@@ -142,9 +142,21 @@ def worker_conn(database_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture
 def clean_db(conn: psycopg.Connection) -> psycopg.Connection:
     """The session database with no tasks and no jobs, and no counts or history of
-    earlier tests' tasks (those outlive deleted rows), for tests that count rows."""
-    conn.execute(
-        "TRUNCATE tasks, procrastinate_jobs, procrastinate_events,"
-        " asyncproc_ledger_events, asyncproc_counts, asyncproc_rollups CASCADE"
-    )
-    return conn
+    earlier tests' tasks (those outlive deleted rows), for tests that count rows.
+
+    Workers of a running service may hold these tables in another order (the
+    sweep, the ledger's compaction): PostgreSQL then picks one side of the
+    deadlock to fail, and the TRUNCATE is simply tried again.
+    """
+    attempt = 1
+    while True:
+        try:
+            conn.execute(
+                "TRUNCATE tasks, procrastinate_jobs, procrastinate_events,"
+                " asyncproc_ledger_events, asyncproc_counts, asyncproc_rollups CASCADE"
+            )
+            return conn
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 5:
+                raise
+            attempt += 1
