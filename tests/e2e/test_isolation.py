@@ -278,34 +278,18 @@ def test_shutdown_waits_for_handlers_then_stops_them_and_a_killed_worker_takes_t
         conn.execute("SELECT asyncproc_cancel(%s)", (long,))
 
 
-def _handler_processes(worker_pid: int) -> list[int]:
-    """The worker's handler processes: children of its fork server, itself a child of the worker."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            parent = int(fields[1])
-            grandparent = int((Path("/proc") / str(parent) / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if grandparent == worker_pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_cancel_that_lands_while_the_handler_process_starts_leaves_none_behind(tmp_path, database_url, redis_url):
     # A fresh worker has no idle handler process: the first task waits for one
     # to start, and a cancel right after the claim lands in that start.
     service, processes = start_service(tmp_path, database_url, redis_url, concurrency=1,
                                        extra_env={"ASYNCPROC_SHUTDOWN_GRACE_SECONDS": "2"})
-    worker = processes[1]
     try:
         task_id = service.submit({"operation": "sleep", "data": {"seconds": 60}})
         wait_for(lambda: service.get(task_id).json()["status"] == "running", 20, "the task to be claimed", interval=0.005)
         assert requests.post(f"{service.base_url}/results/{task_id}/cancel", timeout=10).json()["status"] == "cancelled"
-        wait_for(lambda: not _handler_processes(worker.pid), 5, "no handler process to be left running", interval=0.05)
     finally:
-        # The worker exits within its grace period: no handler process is left for it to wait on.
+        # A handler process that nobody tracked would run its 60 s sleep and
+        # hold the worker's exit; tracked ones are stopped, and it exits at once.
+        stopping = time.monotonic()
         assert stop_service(processes) == [0, 0], f"logs in {tmp_path}"
+        assert time.monotonic() - stopping < 15, f"the worker took its time to exit; logs in {tmp_path}"
