@@ -282,6 +282,14 @@ class Bench:
         self.rows.append(Row("7 GET /results, cache miss (in process)", _lat(miss) if miss else "n/a (no Redis)", "", "", ""))
         self.rows.append(Row("7 GET /results, Redis off (in process)", _lat(off), "", "", ""))
 
+    def _dispatch_on_one_worker(self) -> tuple[float, float]:
+        """Figure 4 against whatever the database holds now, on a worker started and stopped for it."""
+        workers = self.h.start_workers(1)
+        try:
+            return _median_pair(lambda: figures.dispatch_latency(self.h, self.plan.dispatch_samples), self.plan.runs)
+        finally:
+            self.h.stop(workers)
+
     def _flatness(self, empty: dict[str, object]) -> None:
         p = self.plan
         self.say(f"figure 8: seeding {p.seed_rows:,} finished tasks")
@@ -289,12 +297,8 @@ class Bench:
         self.say(f"seeded in {seconds:.1f}s; re-measuring figures 1, 4 and 5")
         try:
             api, _ = self._post_latency()
-            workers = self.h.start_workers(1)
-            try:
-                dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
-                self.h.reset()
-            finally:
-                self.h.stop(workers)
+            dispatch = self._dispatch_on_one_worker()
+            self.h.reset()
             workers = self.h.start_workers(2)
             try:
                 rate = statistics.median(self._drain_once() for _ in range(p.runs))
@@ -319,12 +323,8 @@ class Bench:
         label = f"11 ledger of {p.ledger_rows:,} tasks:"
         try:
             api, _ = self._post_latency()
-            workers = self.h.start_workers(1)
-            try:
-                dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
-                self.h.reset()
-            finally:
-                self.h.stop(workers)
+            dispatch = self._dispatch_on_one_worker()
+            self.h.reset()
             scrape = _median_pair(lambda: figures.metrics_latency(self.h, max(10, p.post_samples // 10)), p.runs)
             views = figures.reporting_latencies(self.h, 5)
             slowest = max(views, key=views.get)
@@ -389,11 +389,7 @@ class Bench:
                                      f"no backlog {insert0:,.0f}/s", "≥ 0.8× no backlog",
                                      _verdict(insert >= 0.8 * insert0)))
             self.say(f"figure 9: dispatch and throughput with {seeded:,} pending")
-            workers = self.h.start_workers(1)
-            try:
-                dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
-            finally:
-                self.h.stop(workers)
+            dispatch = self._dispatch_on_one_worker()
             self.h.remove_figure_tasks()
             workers = self.h.start_workers(2)
             rates = []
