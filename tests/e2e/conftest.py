@@ -52,9 +52,9 @@ def _start(command: list[str], env: dict[str, str], log_path: Path) -> subproces
     )
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, path: str = "/health") -> bool:
     try:
-        return requests.get(f"{url}/health", timeout=1).status_code == 200
+        return requests.get(f"{url}{path}", timeout=1).status_code == 200
     except (requests.ConnectionError, requests.Timeout):
         # Not listening yet, or still starting on a busy machine: look again.
         return False
@@ -95,6 +95,11 @@ def start_service(
     ]
     service = Service(base_url=f"http://127.0.0.1:{port}", logs=tmp_dir)
     wait_for(lambda: _healthy(service.base_url), 30, f"the API to answer /health (logs in {tmp_dir})", interval=0.1)
+    metrics_port = env.get("ASYNCPROC_WORKER_METRICS_PORT")
+    if metrics_port:
+        # A test that reads the worker's metrics first must not find the port still closed on a busy machine.
+        wait_for(lambda: _healthy(f"http://127.0.0.1:{metrics_port}", "/metrics"), 30,
+                 f"the worker to answer /metrics (logs in {tmp_dir})", interval=0.1)
     return service, processes
 
 
