@@ -1,6 +1,6 @@
 """The seam between tasks and procrastinate_jobs, tried as the worker, an operator and a hostile role would.
 
-Each test drives the real SQL the worker runs (Procrastinate's fetch, our
+Each test drives the real SQL the worker runs (its fetch, our
 claim, outcome and sweep functions) from connections of its own, in the
 interleavings that used to deadlock, loop or lose tasks.
 """
@@ -15,6 +15,8 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
+from asyncproc import db
+from tests.conftest import wait_for
 from tests.integration.test_tasks_table import insert_task, jobs_for
 
 
@@ -27,10 +29,8 @@ def register_worker(conn) -> int:
 
 
 def fetch(conn, worker_id: int) -> dict | None:
-    """Procrastinate's own fetch, as the worker runs it: one transaction that takes a job and claims its task."""
-    row = conn.execute(
-        "SELECT id, status::text AS status, args FROM procrastinate_fetch_job_v2(ARRAY['asyncproc'], %s)", (worker_id,)
-    ).fetchone()
+    """The worker's fetch, as the worker runs it: one transaction that takes a job and claims its task."""
+    row = conn.execute(db.query("job_fetch"), {"queues": ["asyncproc"], "worker_id": worker_id}).fetchone()
     return None if row["id"] is None else row
 
 
@@ -404,3 +404,22 @@ def test_a_poison_payload_travels_as_text_and_cannot_fail_the_fetch(clean_db, da
     claimed = job["args"]["claimed"]
     assert claimed["task_id"] == str(task_id)
     assert "payload" not in claimed and isinstance(claimed["payload_json"], str)
+
+
+def test_a_job_that_falls_due_is_fetched_in_priority_order_with_the_due_ones(clean_db):
+    worker_id = register_worker(clean_db)
+    later = insert_task(clean_db)
+    clean_db.execute(
+        "UPDATE tasks SET priority = 5, scheduled_at = clock_timestamp() + interval '0.3 seconds' WHERE task_id = %s",
+        (later,),
+    )
+    first, second = insert_task(clean_db), insert_task(clean_db)
+    (queued,) = [job for job in todo_jobs(clean_db) if job["task_id"] == str(later)]
+    assert queued["scheduled_at"] is not None
+    assert fetch(clean_db, worker_id)["args"]["task_id"] == str(first)
+    wait_for(
+        lambda: clean_db.execute("SELECT clock_timestamp() > %s AS due", (queued["scheduled_at"],)).fetchone()["due"],
+        5,
+        "the task's time to come",
+    )
+    assert [fetch(clean_db, worker_id)["args"]["task_id"] for _ in range(2)] == [str(later), str(second)]

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from asyncproc import db, ledger, migrate
 from asyncproc.config import Settings
+from tests.integration.test_fairness import new_owner
 
 BACKLOG = 100_000
 _SCANNED_ROWS = re.compile(r"Scan[^\n]* on (?:tasks|procrastinate_jobs)\b[^\n]*\(actual rows=(\d+) loops=(\d+)\)")
@@ -99,9 +100,7 @@ def _new_worker(conn) -> int:
 
 
 def _fetch(conn, worker_id: int) -> dict:
-    return conn.execute(
-        "SELECT id, args FROM procrastinate_fetch_job_v2(ARRAY['asyncproc'], %s)", (worker_id,)
-    ).fetchone()
+    return conn.execute(db.query("job_fetch"), {"queues": ["asyncproc"], "worker_id": worker_id}).fetchone()
 
 
 def test_the_apis_insert_and_its_defer_probe_the_queueing_lock_index(backlog_url):
@@ -162,3 +161,34 @@ def test_the_sweep_uses_indexes_wherever_it_is_called_from(backlog_url):
         conn.execute("SELECT * FROM asyncproc_sweep(30)")
         assert_indexed(plans())
 
+
+
+def test_a_fair_fetch_between_keys_uses_indexes(explained):
+    conn, plans = explained
+    busy, other = (new_owner(conn) for _ in range(2))
+    # At a priority above the backlog's, so that a key's job heads the queue.
+    conn.execute(
+        "INSERT INTO tasks (operation, owner, priority) SELECT 'compute', %s, 1 FROM generate_series(1, %s)",
+        (busy, BACKLOG // 5),
+    )
+    conn.execute("INSERT INTO tasks (operation, owner, priority) VALUES ('compute', %s, 1)", (other,))
+    worker_id = _new_worker(conn)
+    assert _fetch(conn, worker_id)["args"]["claimed"]["owner"] == busy
+    plans()
+    assert _fetch(conn, worker_id)["args"]["claimed"]["owner"] == other
+    assert _fetch(conn, worker_id)["args"]["claimed"]["owner"] == busy
+    assert_indexed(plans())
+
+
+def test_a_fetch_reads_none_of_a_far_future_backlog(explained):
+    conn, plans = explained
+    # Above the backlog's priority, so that Procrastinate's own order would walk them all first.
+    conn.execute(
+        "INSERT INTO tasks (operation, priority, scheduled_at)"
+        " SELECT 'compute', 2, now() + interval '1 day' FROM generate_series(1, %s)",
+        (BACKLOG // 5,),
+    )
+    worker_id = _new_worker(conn)
+    plans()
+    assert _fetch(conn, worker_id)["args"]["claimed"]["priority"] == 1
+    assert_indexed(plans())
