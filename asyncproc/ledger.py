@@ -165,24 +165,34 @@ async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any])
     return _task(await cursor.fetchone())
 
 
-async def task_mark_completed(
-    conn: psycopg.AsyncConnection, task_id: UUID, attempt: int, result: Any
-) -> Task | None:
-    params = {"task_id": task_id, "attempt": attempt, "result": Jsonb(result)}
-    return await _one(conn, "task_mark_completed", params)
+@dataclass(frozen=True)
+class Completions:
+    """What a batch of completions recorded: the tasks whose fence held, by id, and the jobs it finished."""
+
+    tasks: dict[UUID, Task]
+    finished_jobs: frozenset[int]
 
 
 async def tasks_mark_completed(
-    conn: psycopg.AsyncConnection, outcomes: list[tuple[UUID, int, Any]]
-) -> dict[UUID, Task]:
-    """Record many (task_id, attempt, result) outcomes at once; the tasks whose fence held, by id."""
+    conn: psycopg.AsyncConnection, outcomes: list[tuple[UUID, int, Any, int | None]]
+) -> Completions:
+    """Record many (task_id, attempt, result, job_id) outcomes at once, and finish their jobs."""
     params = {
-        "task_ids": [task_id for task_id, _, _ in outcomes],
-        "attempts": [attempt for _, attempt, _ in outcomes],
-        "results": [Jsonb(result) for _, _, result in outcomes],
+        "task_ids": [task_id for task_id, _, _, _ in outcomes],
+        "attempts": [attempt for _, attempt, _, _ in outcomes],
+        "results": [Jsonb(result) for _, _, result, _ in outcomes],
+        "job_ids": [job_id for _, _, _, job_id in outcomes if job_id is not None],
     }
     cursor = await conn.execute(query("tasks_mark_completed"), params)
-    return {task.task_id: task for task in map(_task, await cursor.fetchall())}
+    rows = await cursor.fetchall()
+    # Every row carries the same finished_jobs; a batch that recorded no task is one row of NULLs beside them.
+    finished = frozenset(rows[0]["finished_jobs"])
+    tasks = {}
+    for row in rows:
+        del row["finished_jobs"]
+        if row["task_id"] is not None:
+            tasks[row["task_id"]] = Task(**row)
+    return Completions(tasks, finished)
 
 
 async def task_mark_failed(

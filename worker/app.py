@@ -21,8 +21,17 @@ TASK_NAME = "asyncproc.run_task"
 QUEUE = "asyncproc"
 
 
-class FairJobManager(manager.JobManager):
-    """Procrastinate's job manager, fetching through asyncproc_fetch_job: fair between API keys."""
+class JobManager(manager.JobManager):
+    """Procrastinate's job manager, fetching fairly between API keys and finishing completed jobs in batches.
+
+    The fetch is asyncproc_fetch_job (migrations/0015). A completed task's job is
+    finished by the statement that records the outcome (migrations/0016), which
+    lists it in `finished`; Procrastinate's own finish of that job is then a no-op.
+    """
+
+    def __init__(self, connector: procrastinate.PsycopgConnector, finished: set[int]):
+        super().__init__(connector)
+        self._finished = finished
 
     async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> jobs.Job | None:
         row = await self.connector.execute_query_one_async(
@@ -33,16 +42,23 @@ class FairJobManager(manager.JobManager):
             return None
         return jobs.Job.from_row(row)
 
+    async def finish_job(self, job: jobs.Job, status: jobs.Status, delete_job: bool) -> None:
+        if job.id in self._finished:
+            self._finished.discard(job.id)
+            return
+        await super().finish_job(job, status, delete_job)
+
 
 def build_app(runner: Runner) -> procrastinate.App:
     # The connector gets its pool from App.open_async(pool): one pool per process,
     # shared by Procrastinate and the runner.
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
-    app.job_manager = FairJobManager(connector=app.connector)
+    app.job_manager = JobManager(app.connector, runner.finished_jobs)
 
-    @app.task(name=TASK_NAME, queue=QUEUE)
-    async def run_task(task_id: str, claimed: dict | None, owner: int | None = None) -> None:
+    @app.task(name=TASK_NAME, queue=QUEUE, pass_context=True)
+    async def run_task(context: procrastinate.JobContext, task_id: str, claimed: dict | None,
+                       owner: int | None = None) -> None:
         # `owner` is there for the fetch to be fair; the claimed row says all the run needs.
-        await runner.run_interruptible(task_id, claimed)
+        await runner.run_interruptible(task_id, claimed, context.job.id)
 
     return app

@@ -25,7 +25,8 @@ MAX_BATCH = 200
 # commit, or a few milliseconds, lowered throughput at a fixed concurrency.
 LINGER_SECONDS = 0.0
 
-Outcome = tuple[UUID, int, Any]
+# (task_id, attempt, result, the id of the Procrastinate job that ran it)
+Outcome = tuple[UUID, int, Any, int | None]
 WriteBatch = Callable[[list[Outcome]], Awaitable[dict[UUID, Task]]]
 
 
@@ -38,10 +39,10 @@ class Completer:
         self._gathering = False
         self._flushes: set[asyncio.Task] = set()
 
-    async def complete(self, task_id: UUID, attempt: int, result: Any) -> Task | None:
+    async def complete(self, task_id: UUID, attempt: int, result: Any, job_id: int | None = None) -> Task | None:
         """Record one completion; the task as recorded, or None when its attempt's fence did not hold."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append(((task_id, attempt, result), future))
+        self._waiting.append(((task_id, attempt, result, job_id), future))
         if not self._gathering:
             self._start_flush()
         # A caller cancelled while waiting leaves its outcome in the batch: the run happened.
@@ -73,6 +74,6 @@ class Completer:
             for _, future in batch:
                 future.cancel()
             raise
-        for (task_id, _, _), future in batch:
+        for (task_id, _, _, _), future in batch:
             if not future.done():
                 future.set_result(recorded.get(task_id))

@@ -62,8 +62,11 @@ class Runner:
         # The asyncio tasks running a task now, for interrupt().
         self._runs: set[asyncio.Task] = set()
         self.completer = Completer(self._write_completions)
+        # Jobs that a completion finished in its own statement (migrations/0016): the
+        # job manager skips Procrastinate's finish for these (worker/app.py).
+        self.finished_jobs: set[int] = set()
 
-    async def run(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
+    async def run(self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None) -> None:
         """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql)."""
         if claimed is None:
             log.info("task %s was not claimable (not pending, not due, or held by another transaction)", raw_task_id)
@@ -79,11 +82,11 @@ class Runner:
             return
         token = request_id_var.set(task.request_id or str(task.task_id))
         try:
-            await self._run_claimed(task)
+            await self._run_claimed(task, job_id)
         finally:
             request_id_var.reset(token)
 
-    async def _run_claimed(self, task: Task) -> None:
+    async def _run_claimed(self, task: Task, job_id: int | None) -> None:
         await self.cache.invalidate(task.task_id, version_of(task.updated_at))
         operation = self.registry.find(task.operation)
         if operation is None:
@@ -125,7 +128,7 @@ class Runner:
         except Exception as exc:
             await self._fail(task, _describe(exc), retry=True)
         else:
-            await self._complete(task, result)
+            await self._complete(task, result, job_id)
 
     async def _execute_timed(self, task: Task, operation: Operation, ctx: TaskContext) -> Any:
         started = time.monotonic()
@@ -190,18 +193,18 @@ class Runner:
             with self._count_lock:
                 self.in_flight -= 1
 
-    async def _complete(self, task: Task, result: Any) -> None:
+    async def _complete(self, task: Task, result: Any, job_id: int | None) -> None:
         try:
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             await self._fail(task, f"the handler's result cannot be stored as JSON: {exc}", retry=False)
             return
         try:
-            done = await self.completer.complete(task.task_id, task.attempts, result)
+            done = await self.completer.complete(task.task_id, task.attempts, result, job_id)
         except psycopg.DataError:
             # One result the database refuses fails its whole batch: each is then written alone.
             try:
-                done = await self._write(ledger.task_mark_completed, task.task_id, task.attempts, result)
+                done = (await self._write_completions([(task.task_id, task.attempts, result, job_id)])).get(task.task_id)
             except psycopg.DataError as exc:
                 await self._fail(task, f"the handler's result cannot be stored: {exc}", retry=False)
                 return
@@ -228,12 +231,12 @@ class Runner:
         self.metrics.finished(task.operation, "failed")
         await self.cache.put(failed.task_id, encode_document(failed), failed.updated_at)
 
-    async def run_interruptible(self, raw_task_id: str, claimed: dict[str, Any] | None) -> None:
+    async def run_interruptible(self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None) -> None:
         """run(), cut short by interrupt()."""
         current = asyncio.current_task()
         self._runs.add(current)
         try:
-            await self.run(raw_task_id, claimed)
+            await self.run(raw_task_id, claimed, job_id)
         finally:
             self._runs.discard(current)
 
@@ -294,12 +297,10 @@ class Runner:
         base = self.settings.retry_backoff_seconds * 2 ** (attempt - 1)
         return min(base, self.settings.retry_backoff_max_seconds) * random.uniform(0.8, 1.2)
 
-    async def _write_completions(self, outcomes: list[tuple[UUID, int, Any]]) -> dict[UUID, Task]:
-        if len(outcomes) == 1:
-            # Alone, the plain one-row statement is cheaper than the batch's join.
-            done = await self._write(ledger.task_mark_completed, *outcomes[0])
-            return {} if done is None else {done.task_id: done}
-        return await self._write(ledger.tasks_mark_completed, outcomes)
+    async def _write_completions(self, outcomes: list[tuple[UUID, int, Any, int | None]]) -> dict[UUID, Task]:
+        recorded = await self._write(ledger.tasks_mark_completed, outcomes)
+        self.finished_jobs.update(recorded.finished_jobs)
+        return recorded.tasks
 
     async def _write(self, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Record an outcome, waiting out a database outage: the run already happened."""

@@ -28,18 +28,14 @@ WHERE task_id = %(task_id)s
 -- The worker's writes go through its functions (migrations/0007), which carry
 -- the worker's right to record outcomes, each fenced on the attempt it ran.
 
--- name: task_mark_completed
-SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id, owner
-FROM asyncproc_worker_complete(%(task_id)s, %(attempt)s, %(result)s)
-
 -- name: tasks_mark_completed
--- Many outcomes in one statement (migrations/0014), each fenced like task_mark_completed.
-SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,
-       priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
-       idempotency_key, request_id, owner
-FROM asyncproc_worker_complete_many(%(task_ids)s, %(attempts)s, %(results)s)
+-- Many outcomes in one statement, each fenced on its attempt (migrations/0014),
+-- and their jobs finished with them (0016): the jobs gone come back as finished_jobs.
+SELECT finished_jobs, (task).task_id, (task).operation, (task).payload, (task).status, (task).result,
+       (task).error_message, (task).attempts, (task).max_attempts, (task).priority, (task).progress,
+       (task).progress_message, (task).created_at, (task).scheduled_at, (task).started_at, (task).completed_at,
+       (task).updated_at, (task).idempotency_key, (task).request_id, (task).owner
+FROM asyncproc_worker_complete_jobs(%(task_ids)s, %(attempts)s, %(results)s, %(job_ids)s)
 
 -- name: task_mark_failed
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,

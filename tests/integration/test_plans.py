@@ -132,12 +132,14 @@ def test_outcome_writes_use_the_primary_key(explained):
 def test_the_batched_completion_probes_the_primary_key(explained):
     conn, plans = explained
     worker_id = _new_worker(conn)
-    claimed = [_fetch(conn, worker_id)["args"]["claimed"] for _ in range(3)]
+    jobs = [_fetch(conn, worker_id) for _ in range(3)]
+    claimed = [job["args"]["claimed"] for job in jobs]
     plans()
     conn.execute(db.query("tasks_mark_completed"), {
         "task_ids": [c["task_id"] for c in claimed],
         "attempts": [c["attempts"] for c in claimed],
         "results": [Jsonb({"n": i}) for i in range(3)],
+        "job_ids": [job["id"] for job in jobs],
     })
     assert_indexed(plans())
 

@@ -14,7 +14,7 @@ class Recorder:
     """A batch writer that keeps every batch and records the outcomes whose attempt is 1."""
 
     def __init__(self, fail_with: Exception | None = None):
-        self.batches: list[list[tuple[UUID, int, object]]] = []
+        self.batches: list[list[tuple[UUID, int, object, int | None]]] = []
         self.fail_with = fail_with
 
     async def write(self, outcomes):
@@ -22,7 +22,7 @@ class Recorder:
         await asyncio.sleep(0.01)  # a commit: what arrives meanwhile joins the next batch
         if self.fail_with is not None:
             raise self.fail_with
-        return {task_id: ("recorded", result) for task_id, attempt, result in outcomes if attempt == 1}
+        return {task_id: ("recorded", result) for task_id, attempt, result, _ in outcomes if attempt == 1}
 
 
 def test_outcomes_arriving_together_share_one_write_and_each_gets_its_answer():
@@ -51,7 +51,7 @@ def test_a_batch_never_exceeds_its_size_and_what_arrives_during_a_write_is_writt
     answers = asyncio.run(run())
     assert len(recorder.batches[0]) == 4
     assert all(len(batch) <= 4 for batch in recorder.batches)
-    assert sorted(result for batch in recorder.batches for _, _, result in batch) == list(range(8))
+    assert sorted(result for batch in recorder.batches for _, _, result, _ in batch) == list(range(8))
     assert [result for _, result in answers] == list(range(8))
 
 
@@ -70,7 +70,7 @@ def test_a_caller_cancelled_while_waiting_leaves_its_outcome_in_the_batch():
     task_id = uuid4()
 
     async def run():
-        waiting = asyncio.create_task(completer.complete(task_id, 1, "done"))
+        waiting = asyncio.create_task(completer.complete(task_id, 1, "done", 7))
         await asyncio.sleep(0)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -78,4 +78,4 @@ def test_a_caller_cancelled_while_waiting_leaves_its_outcome_in_the_batch():
         await asyncio.sleep(0.05)
 
     asyncio.run(run())
-    assert recorder.batches == [[(task_id, 1, "done")]]
+    assert recorder.batches == [[(task_id, 1, "done", 7)]]
