@@ -68,7 +68,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     processes = ProcessPool(settings.operations_module, concurrency)
     await processes.open()
     runner = Runner(settings, pool, cache, registry, executor, processes, metrics)
-    app = build_app(runner)
+    app = build_app(runner, concurrency)
 
     stopping = asyncio.Event()
     worker_task: asyncio.Task | None = None

@@ -1,5 +1,10 @@
--- The worker's fetch of Procrastinate jobs (migrations/0015_fair_fetch.sql).
+-- The worker's fetch of Procrastinate jobs (migrations/0015_fair_fetch.sql, 0017_fetch_many.sql).
 
--- name: job_fetch
+-- name: jobs_fetch
+-- Up to how_many jobs, in one statement and one commit.
 SELECT id, status, task_name, priority, lock, queueing_lock, args, scheduled_at, queue_name, attempts, worker_id
-FROM asyncproc_fetch_job(%(queues)s::varchar[], %(worker_id)s)
+FROM asyncproc_fetch_jobs(%(queues)s::varchar[], %(worker_id)s, %(how_many)s)
+
+-- name: jobs_return
+-- Jobs fetched and never started: their tasks back to pending, attempt not counted.
+SELECT asyncproc_worker_return_jobs(%(job_ids)s) AS returned

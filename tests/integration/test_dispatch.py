@@ -30,8 +30,8 @@ def register_worker(conn) -> int:
 
 def fetch(conn, worker_id: int) -> dict | None:
     """The worker's fetch, as the worker runs it: one transaction that takes a job and claims its task."""
-    row = conn.execute(db.query("job_fetch"), {"queues": ["asyncproc"], "worker_id": worker_id}).fetchone()
-    return None if row["id"] is None else row
+    params = {"queues": ["asyncproc"], "worker_id": worker_id, "how_many": 1}
+    return conn.execute(db.query("jobs_fetch"), params).fetchone()
 
 
 def task_row(conn, task_id) -> dict:

@@ -100,7 +100,8 @@ def _new_worker(conn) -> int:
 
 
 def _fetch(conn, worker_id: int) -> dict:
-    return conn.execute(db.query("job_fetch"), {"queues": ["asyncproc"], "worker_id": worker_id}).fetchone()
+    params = {"queues": ["asyncproc"], "worker_id": worker_id, "how_many": 1}
+    return conn.execute(db.query("jobs_fetch"), params).fetchone()
 
 
 def test_the_apis_insert_and_its_defer_probe_the_queueing_lock_index(backlog_url):
