@@ -14,6 +14,7 @@ from asyncproc import jsonb, ledger, quotas
 from asyncproc.cache import ResultCache, version_of
 from asyncproc.db import query, translate_errors
 from asyncproc.errors import Conflict, DatabaseUnavailable, TaskNotFound
+from asyncproc.group_commit import GroupCommit
 from asyncproc.ledger import NewTask, Task
 from asyncproc.quotas import NO_QUOTA, Quota
 from asyncproc.task_events import TaskEvents
@@ -52,17 +53,27 @@ def encode_document(task: Task) -> bytes:
     return jsonb.dumps(task_document(task)).encode()
 
 
-def enqueue(pool: psycopg_pool.ConnectionPool, new: NewTask, quota: Quota = NO_QUOTA) -> tuple[Task, bool]:
-    """Store and queue one task in a single commit; (task, created).
+def enqueue(
+    pool: psycopg_pool.ConnectionPool, inserts: GroupCommit, new: NewTask, quota: Quota = NO_QUOTA
+) -> tuple[Task, bool]:
+    """Store and queue one task, committed on return; (task, created).
 
+    The task shares its INSERT and commit with those that concurrent requests
+    submit at the same moment (asyncproc/group_commit.py), unless its key has a
+    quota: the count and the insert are then one transaction of its own.
     A repeated Idempotency-Key of the same owner returns the original task,
     provided the request was the same, by value; otherwise it is a conflict.
     """
+    with translate_errors():
+        if quota.max_active_tasks is not None and new.owner is not None:
+            with pool.connection() as conn, conn.transaction():
+                quotas.check_active(conn, quota, new.owner, 1)
+                task = ledger.task_insert(conn, new)
+        else:
+            task = inserts.insert(new)
+    if task is not None:
+        return task, True
     with translate_errors(), pool.connection() as conn:
-        quotas.check_active(conn, quota, new.owner, 1)
-        task = ledger.task_insert(conn, new)
-        if task is not None:
-            return task, True
         found = ledger.task_find_by_idempotency_key(conn, new.idempotency_key, new.owner)
         existing = None if found is None else ledger.task_get(conn, found.task_id)
     if found is None or existing is None:
@@ -90,7 +101,9 @@ def enqueue_batch(
     pool: psycopg_pool.ConnectionPool, tasks: list[NewTask], request_id: str | None, quota: Quota = NO_QUOTA
 ) -> list[UUID]:
     """Store and queue many tasks in one statement and one commit; their ids in order."""
-    with translate_errors(), pool.connection() as conn:
+    with translate_errors(), pool.connection() as conn, conn.transaction():
+        # The count and the insert in one transaction, under the key's row lock, so that
+        # concurrent requests of one key cannot all pass the same count.
         quotas.check_active(conn, quota, tasks[0].owner, len(tasks))
         return ledger.task_insert_batch(conn, tasks, request_id)
 

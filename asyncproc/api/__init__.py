@@ -13,6 +13,7 @@ from asyncproc.cache import ResultCache
 from asyncproc.config import Settings
 from asyncproc.db import open_pool
 from asyncproc.errors import HTTP_CODES, AsyncprocError, ConfigError, error_body
+from asyncproc.group_commit import GroupCommit
 from asyncproc.operations import load_user_module
 from asyncproc.task_events import TaskEvents
 from asyncproc.waiting import Waiters
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 class Resources:
     settings: Settings
     pool: psycopg_pool.ConnectionPool
+    inserts: GroupCommit
     cache: ResultCache
     events: TaskEvents
     waiters: Waiters
@@ -55,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["asyncproc"] = Resources(
         settings=settings,
         pool=pool,
+        inserts=GroupCommit(pool),
         cache=cache,
         events=events,
         waiters=Waiters(

@@ -61,7 +61,7 @@ def process():
         **_callback_policy(res.settings),
     )
     quotas.check_request(current_quota(), [body])
-    task, created = service.enqueue(res.pool, new, current_quota())
+    task, created = service.enqueue(res.pool, res.inserts, new, current_quota())
     if created:
         log.info("queued task %s (%s)", task.task_id, task.operation)
     body = {

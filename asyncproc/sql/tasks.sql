@@ -12,6 +12,27 @@ RETURNING task_id, operation, payload, status, result, error_message, attempts, 
           priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
           idempotency_key, request_id, owner
 
+-- name: tasks_insert_many
+-- The single-task requests of one group commit (asyncproc/group_commit.py) in
+-- one statement, each as task_insert would store it. The ids are chosen by the
+-- caller, so that each request finds its row; a row whose Idempotency-Key is
+-- taken (by an earlier task, or by an earlier row of this statement) is not
+-- returned.
+INSERT INTO tasks (task_id, operation, payload, max_attempts, priority, scheduled_at, idempotency_key, request_id,
+                   owner, timeout_seconds, idempotency_fingerprint, callback_url)
+SELECT t.task_id, t.operation, t.payload, t.max_attempts, t.priority, COALESCE(t.run_at, now()), t.idempotency_key,
+       t.request_id, t.owner, t.timeout_seconds, t.fingerprint, t.callback_url
+FROM unnest(%(task_ids)s::uuid[], %(operations)s::text[], %(payloads)s::jsonb[], %(max_attempts)s::integer[],
+            %(priorities)s::integer[], %(run_ats)s::timestamptz[], %(idempotency_keys)s::text[],
+            %(request_ids)s::text[], %(owners)s::bigint[], %(timeouts)s::double precision[],
+            %(fingerprints)s::text[], %(callback_urls)s::text[])
+     AS t(task_id, operation, payload, max_attempts, priority, run_at, idempotency_key, request_id, owner,
+          timeout_seconds, fingerprint, callback_url)
+ON CONFLICT ((COALESCE(owner, 0)), idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING task_id, operation, payload, status, result, error_message, attempts, max_attempts,
+          priority, progress, progress_message, created_at, scheduled_at, started_at, completed_at, updated_at,
+          idempotency_key, request_id, owner
+
 -- name: task_find_by_idempotency_key
 -- Keys are unique per owner (NULL: access control off), as the index says.
 SELECT task_id, idempotency_fingerprint

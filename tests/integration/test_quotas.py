@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -113,3 +115,18 @@ def test_buckets_that_have_refilled_are_pruned(conn):
     conn.execute("UPDATE api_rate_buckets SET updated_at = updated_at - interval '5 seconds' WHERE bucket = %s", (bucket,))
     ratelimit.prune(conn, [(1000, 1), (1, 1)])
     assert conn.execute("SELECT count(*) AS n FROM api_rate_buckets WHERE bucket = %s", (bucket,)).fetchone()["n"] == 0
+
+
+def test_concurrent_requests_of_one_key_cannot_pass_its_quota_together(app, clean_db, limited_key):
+    barrier = threading.Barrier(12)
+
+    def post(path: str, body: dict) -> int:
+        barrier.wait(10)
+        return _post(app, limited_key, path, body).status_code
+
+    bodies = [("/process", {"data": {"n": i}}) if i % 2 else ("/process/batch", {"tasks": [{"data": {"n": i}}]})
+              for i in range(12)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        codes = list(pool.map(lambda args: post(*args), bodies))
+    assert sorted(codes) == [202] * 3 + [429] * 9
+    assert clean_db.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 3
