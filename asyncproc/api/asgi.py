@@ -280,3 +280,20 @@ class Worker(gasgi.ASGIWorker):
         # The worker builds its connections from this module-level name; it has no setting for it.
         gasgi.ASGIProtocol = _Protocol
         super().init_process()
+
+    async def _serve(self) -> None:
+        # Every worker process waits on the one listening socket, and asyncio accepts
+        # up to `backlog` waiting connections each time it wakes: the first process to
+        # wake took them all (16 keep-alive clients: 16 on one process, none on the
+        # other, which idled while the first ran out of CPU). Accepting one per wake
+        # gives the other processes a chance at the next. The kernel's accept queue
+        # keeps its configured length: listen() again after asyncio's own.
+        create_server = self.loop.create_server
+
+        async def accepting_one_per_wake(*args: Any, **kwargs: Any) -> asyncio.AbstractServer:
+            server = await create_server(*args, **kwargs, backlog=1)
+            kwargs["sock"].listen(self.cfg.backlog)
+            return server
+
+        self.loop.create_server = accepting_one_per_wake
+        await super()._serve()

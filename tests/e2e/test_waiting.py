@@ -16,6 +16,8 @@ from tests.e2e.conftest import Service, start_service, stop_service
 pytestmark = pytest.mark.e2e
 
 WAITERS = 200
+# start_service runs the API with two gunicorn processes.
+API_PROCESSES = 2
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +117,30 @@ def test_a_key_beyond_its_waiters_gets_429_with_retry_after(tmp_path, database_u
     )
     try:
         task_id = service.submit({"data": {"operation": "sleep", "seconds": 1}, "delay_seconds": 3600})
-        with _connect(service) as first:
-            first.sendall(f"GET /results/{task_id}?wait=30 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-
-            def refused():
-                # Caps are per API process: retry until one lands where the first waits.
-                response = requests.get(f"{service.base_url}/results/{task_id}?wait=0.5", timeout=10)
-                return [response] if response.status_code == 429 else None
-
-            # The first waiter is parked a moment after its request is sent.
-            [response] = wait_for(refused, 10, "the second waiter to be refused")
-        assert response.json()["error"]["code"] == "too_many_waiters"
-        assert int(response.headers["Retry-After"]) >= 1
+        request = f"GET /results/{task_id}?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        waiting: list[socket.socket] = []
+        try:
+            # Caps are per API process, and connections go to whichever process is free:
+            # each waiter parks, until one lands on a process where the key already waits.
+            for _ in range(API_PROCESSES + 1):
+                sock = _connect(service)
+                waiting.append(sock)
+                sock.sendall(request)
+                sock.settimeout(1)
+                try:
+                    answer = _read_all(sock)
+                except TimeoutError:
+                    continue
+                break
+            else:
+                pytest.fail(f"no waiter was refused among {len(waiting)} (logs in {service.logs})")
+        finally:
+            for sock in waiting:
+                sock.close()
+        status, headers, body = _parse(answer)
+        assert status == 429, body
+        assert json.loads(body)["error"]["code"] == "too_many_waiters"
+        assert int(headers["retry-after"]) >= 1
     finally:
         stop_service(processes)
 

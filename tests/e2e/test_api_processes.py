@@ -1,0 +1,105 @@
+"""The API's gunicorn processes share the clients: a burst of keep-alive connections no longer lands on one
+process while the other idles (asyncproc/api/asgi.py, Worker._serve)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.e2e.conftest import Service, start_service, stop_service
+
+pytestmark = pytest.mark.e2e
+
+CLIENTS = 16
+ROUNDS = 8
+SERVING = re.compile(r"\[(\d+)\] gunicorn\.error \[rid=-\] ASGI server listening on")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, database_url) -> Iterator[tuple[Service, int]]:
+    running, processes = start_service(tmp_path_factory.mktemp("api-processes"), database_url, None, concurrency=1)
+    yield running, processes[0].pid
+    assert stop_service(processes) == [0, 0], f"a process did not exit cleanly; logs in {running.logs}"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _established_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    return inodes
+
+
+def _connections_per_process(workers: list[int], port: int) -> list[int]:
+    inodes = _established_inodes(port)
+    counts = []
+    for pid in workers:
+        held = {os.readlink(fd).removeprefix("socket:[").rstrip("]") for fd in Path(f"/proc/{pid}/fd").iterdir()
+                if os.readlink(fd).startswith("socket:[")}
+        counts.append(len(held & inodes))
+    return counts
+
+
+def _burst(port: int) -> list[socket.socket]:
+    """CLIENTS keep-alive connections opened at once, each answered once, as a client pool opens them."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CLIENTS)]
+    for client in clients:
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+    for client in clients:
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    return clients
+
+
+def _serving_workers(service: Service) -> list[int]:
+    log = (service.logs / "api.log").read_text(errors="replace")
+    return sorted({int(pid) for pid in SERVING.findall(log)})
+
+
+def test_a_burst_of_keep_alive_clients_is_shared_between_the_api_processes(api):
+    service, arbiter = api
+    port = int(service.base_url.rsplit(":", 1)[1])
+    # /health answered once one process served; the burst needs both.
+    workers = wait_for(lambda: len(_serving_workers(service)) == 2 and _serving_workers(service), 30,
+                       f"both API processes to serve (logs in {service.logs})")
+    assert workers == _children(arbiter)
+    fewer = []
+    for _ in range(ROUNDS):
+        clients = _burst(port)
+        counts = _connections_per_process(workers, port)
+        assert sum(counts) == CLIENTS, counts
+        fewer.append(min(counts))
+        for client in clients:
+            client.close()
+    # Accepting as many as were waiting, the first process awake took all 16 nearly every time.
+    assert statistics.mean(fewer) >= 2, fewer
+
+
+def test_the_listen_queue_keeps_its_configured_length(api):
+    service, _ = api
+    port = int(service.base_url.rsplit(":", 1)[1])
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    # For a listening socket, ss shows the accept queue's length as Send-Q: gunicorn's default backlog.
+    (line,) = listening.stdout.splitlines()
+    assert int(line.split()[2]) == 2048, line
