@@ -195,3 +195,24 @@ def test_a_fetch_reads_none_of_a_far_future_backlog(explained):
     plans()
     assert _fetch(conn, worker_id)["args"]["claimed"]["priority"] == 1
     assert_indexed(plans())
+
+
+def test_the_sweep_uses_indexes_once_the_tables_are_analysed(empty_database):
+    # Statistics of a large pending backlog (autovacuum's ANALYZE) made the planner read every pending
+    # task's entry of tasks_owner_active_idx to find the few running ones.
+    url = empty_database()
+    with db.connect(url) as conn:
+        migrate.apply_all(conn, Settings().migrations_dir)
+        conn.execute(
+            "INSERT INTO tasks (operation, payload) SELECT 'compute', jsonb_build_object('n', i)"
+            " FROM generate_series(1, %s) AS i",
+            (BACKLOG,),
+        )
+        worker_id = _new_worker(conn)
+        for _ in range(5):
+            _fetch(conn, worker_id)
+        conn.execute("ANALYZE tasks")
+        conn.execute("ANALYZE procrastinate_jobs")
+    with explaining(url) as (conn, plans):
+        conn.execute("SELECT * FROM asyncproc_sweep(30)")
+        assert_indexed(plans())
