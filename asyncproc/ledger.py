@@ -130,48 +130,38 @@ def task_insert(conn: psycopg.Connection, new: NewTask) -> Task | None:
     return _task(row)
 
 
+def _insert_columns(task_ids: list[UUID], tasks: list[NewTask]) -> dict[str, list[Any]]:
+    """The column arrays that the multi-row INSERTs unnest, one entry per task."""
+    return {
+        "task_ids": task_ids,
+        "operations": [new.operation for new in tasks],
+        "payloads": [Jsonb(new.payload) for new in tasks],
+        "max_attempts": [new.max_attempts for new in tasks],
+        "priorities": [new.priority for new in tasks],
+        "run_ats": [new.run_at for new in tasks],
+        "owners": [new.owner for new in tasks],
+        "timeouts": [new.timeout_seconds for new in tasks],
+        "callback_urls": [new.callback_url for new in tasks],
+    }
+
+
 def tasks_insert_many(conn: psycopg.Connection, tasks: list[NewTask]) -> list[Task | None]:
     """Insert many single-task requests with one statement; each one's task, or None when its idempotency key is taken."""
     task_ids = [uuid4() for _ in tasks]
-    rows = conn.execute(
-        query("tasks_insert_many"),
-        {
-            "task_ids": task_ids,
-            "operations": [new.operation for new in tasks],
-            "payloads": [Jsonb(new.payload) for new in tasks],
-            "max_attempts": [new.max_attempts for new in tasks],
-            "priorities": [new.priority for new in tasks],
-            "run_ats": [new.run_at for new in tasks],
-            "idempotency_keys": [new.idempotency_key for new in tasks],
-            "request_ids": [new.request_id for new in tasks],
-            "owners": [new.owner for new in tasks],
-            "timeouts": [new.timeout_seconds for new in tasks],
-            "fingerprints": [new.idempotency_fingerprint for new in tasks],
-            "callback_urls": [new.callback_url for new in tasks],
-        },
-    ).fetchall()
-    inserted = {row["task_id"]: Task(**row) for row in rows}
+    params = {
+        **_insert_columns(task_ids, tasks),
+        "idempotency_keys": [new.idempotency_key for new in tasks],
+        "request_ids": [new.request_id for new in tasks],
+        "fingerprints": [new.idempotency_fingerprint for new in tasks],
+    }
+    inserted = {row["task_id"]: Task(**row) for row in conn.execute(query("tasks_insert_many"), params).fetchall()}
     return [inserted.get(task_id) for task_id in task_ids]
 
 
 def task_insert_batch(conn: psycopg.Connection, tasks: list[NewTask], request_id: str | None) -> list[UUID]:
     """Insert many tasks with one statement; returns their ids in order."""
     task_ids = [uuid4() for _ in tasks]
-    conn.execute(
-        query("task_insert_batch"),
-        {
-            "task_ids": task_ids,
-            "operations": [new.operation for new in tasks],
-            "payloads": [Jsonb(new.payload) for new in tasks],
-            "max_attempts": [new.max_attempts for new in tasks],
-            "priorities": [new.priority for new in tasks],
-            "run_ats": [new.run_at for new in tasks],
-            "owners": [new.owner for new in tasks],
-            "timeouts": [new.timeout_seconds for new in tasks],
-            "callback_urls": [new.callback_url for new in tasks],
-            "request_id": request_id,
-        },
-    )
+    conn.execute(query("task_insert_batch"), {**_insert_columns(task_ids, tasks), "request_id": request_id})
     return task_ids
 
 
