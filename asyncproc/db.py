@@ -124,7 +124,7 @@ def open_pool(settings: Settings, application_name: str, max_size: int) -> psyco
     so no request outlives an outage or a stuck query.
     """
     kwargs = connect_kwargs(settings, application_name)
-    kwargs["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+    kwargs["options"] = api_options(settings)
     pool = psycopg_pool.ConnectionPool(
         check=_check_idle_connection,
         configure=_autocommit,
@@ -167,6 +167,19 @@ class SeverableAsyncPool(psycopg_pool.AsyncConnectionPool):
         return severed
 
 
+# Every statement of ours reads a few rows through an index, yet on tables of
+# millions of rows the planner's estimates pass jit_above_cost, and PostgreSQL
+# then compiles the statement with LLVM before running it: at a million pending
+# tasks, analysed, each sweep spent half a second of CPU compiling a statement
+# that runs in milliseconds (tests/integration/test_plans.py).
+NO_JIT = "-c jit=off"
+
+
+def api_options(settings: Settings) -> str:
+    """Server settings of every API connection."""
+    return f"{NO_JIT} -c statement_timeout={settings.db_statement_timeout_ms}"
+
+
 def worker_options(settings: Settings) -> str:
     """Server settings of every worker connection.
 
@@ -178,7 +191,7 @@ def worker_options(settings: Settings) -> str:
     instead, so the other plans are ruled out (tests/integration/test_plans.py).
     """
     return (
-        f"-c lock_timeout={settings.worker_lock_timeout_ms}"
+        f"{NO_JIT} -c lock_timeout={settings.worker_lock_timeout_ms}"
         f" -c statement_timeout={settings.worker_statement_timeout_ms}"
         " -c enable_seqscan=off -c enable_bitmapscan=off"
     )
@@ -197,7 +210,7 @@ def async_pool(settings: Settings, application_name: str, max_size: int) -> Seve
 def connect(database_url: str, settings: Settings | None = None, application_name: str = "asyncproc") -> psycopg.Connection[Any]:
     """One standalone connection, for the CLI, migrations and tests."""
     kwargs = connect_kwargs(settings or Settings(), application_name)
-    return psycopg.connect(database_url, autocommit=True, **kwargs)
+    return psycopg.connect(database_url, autocommit=True, options=NO_JIT, **kwargs)
 
 
 @contextlib.contextmanager
