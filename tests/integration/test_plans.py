@@ -236,3 +236,23 @@ def test_no_statement_of_the_service_is_compiled_by_jit(backlog_url, role):
     assert found, "auto_explain reported no plan"
     compiled = [plan for plan in found if "JIT:" in plan]
     assert not compiled, "compiled by JIT:\n" + "\n\n".join(compiled)
+
+
+def test_a_worker_leaving_or_pruned_unbinds_its_jobs_through_an_index(backlog_url):
+    # Deleting a worker sets its jobs' worker_id to NULL (the foreign key's ON DELETE SET NULL), by a
+    # query on worker_id alone that Procrastinate's partial index (doing jobs only) cannot serve: every
+    # graceful stop, and every stalled worker the sweep prunes, read the whole backlog of jobs.
+    with explaining(backlog_url, db.worker_options(Settings())) as (conn, plans):
+        leaving, stalled = _new_worker(conn), _new_worker(conn)
+        _fetch(conn, leaving)
+        _fetch(conn, stalled)
+        conn.execute(
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' WHERE id = %s", (stalled,)
+        )
+        plans()
+        conn.execute("SELECT procrastinate_unregister_worker_v1(%s)", (leaving,))
+        conn.execute("SELECT * FROM asyncproc_sweep(30)")
+        assert_indexed(plans())
+        assert conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE worker_id IN (%s, %s)", (leaving, stalled)
+        ).fetchone()["n"] == 0
