@@ -48,7 +48,8 @@ def runs(runs_dir: Path, task_id: str) -> list[dict]:
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    # A process reaped between the open and the read fails the read with ESRCH.
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
