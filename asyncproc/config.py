@@ -46,6 +46,9 @@ class Settings:
     operations_module: str | None = None
     api_workers: int = 2
     api_threads: int = 8
+    # The API's CPU priority (nice) below the workers': on a host it shares with
+    # workers, it yields the cores to them under load (docs/deployment.md).
+    api_nice: int = 10
     max_body_bytes: int = 1024 * 1024
     db_pool_size: int = 8
     db_connect_timeout: float = 5.0
@@ -144,6 +147,7 @@ class Settings:
             operations_module=reader.text("ASYNCPROC_OPERATIONS_MODULE", None),
             api_workers=reader.integer("ASYNCPROC_API_WORKERS", default.api_workers, 1, 64),
             api_threads=reader.integer("ASYNCPROC_API_THREADS", default.api_threads, 1, 256),
+            api_nice=reader.integer("ASYNCPROC_API_NICE", default.api_nice, 0, 19),
             max_body_bytes=reader.integer(
                 "ASYNCPROC_MAX_BODY_BYTES", default.max_body_bytes, 1024, 1 << 30
             ),

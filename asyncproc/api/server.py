@@ -78,8 +78,24 @@ def _raise_open_files_limit() -> None:
         log.warning("open files stay limited to %s (%s): fewer clients can wait at once", soft, exc)
 
 
+def _yield_cpu_to_workers(nice: int) -> None:
+    """Lower this process's CPU priority, and so its gunicorn processes', to `nice`; never raise it.
+
+    The kernel shares the cores equally between processes. On a host that runs
+    workers too, an API at their priority accepts tasks faster than they finish
+    them under sustained load, and the backlog grows for as long as the load
+    lasts; yielding to them, it accepts as fast as they drain. Elsewhere it
+    changes nothing: nice only orders processes that compete for a core (and
+    only within one container's cgroup).
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def run(settings: Settings, bind: str, workers: int) -> None:
     _raise_open_files_limit()
+    _yield_cpu_to_workers(settings.api_nice)
     # /metrics must add up every gunicorn process. prometheus_client keeps each
     # process's counters in files under PROMETHEUS_MULTIPROC_DIR, which it reads
     # when it is first imported: in the workers, after this fork. One fresh

@@ -65,10 +65,7 @@ class Harness:
         migrate.apply_all(self.conn, self.settings.migrations_dir)
         if self.redis_url is None and shutil.which("redis-server"):
             self._start_redis()
-        self._api = self._spawn(
-            ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.settings.api_workers)], "api"
-        )
-        wait_until(self._api_answers, START_TIMEOUT_SECONDS, "the API to answer /health", interval=0.1)
+        self.restart_api()
 
     def close(self) -> None:
         if self._api is not None:
@@ -85,6 +82,15 @@ class Harness:
         if self._embedded is not None:
             self._embedded.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def restart_api(self, env: dict[str, str] | None = None) -> None:
+        """(Re)start the API on the same port, with `env` over the harness's environment."""
+        if self._api is not None:
+            self.stop([self._api])
+        self._api = self._spawn(
+            ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.settings.api_workers)], "api", env
+        )
+        wait_until(self._api_answers, START_TIMEOUT_SECONDS, "the API to answer /health", interval=0.1)
 
     def _start_redis(self) -> None:
         port = free_port()
@@ -123,11 +129,11 @@ class Harness:
             env["REDIS_URL"] = self.redis_url
         return env
 
-    def _spawn(self, arguments: list[str], label: str) -> subprocess.Popen:
+    def _spawn(self, arguments: list[str], label: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.workdir / f"{label}.log", "ab") as logfile:
             return subprocess.Popen(
                 [sys.executable, "-m", "asyncproc.cli", *arguments],
-                env=self._env(),
+                env={**self._env(), **(env or {})},
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
             )

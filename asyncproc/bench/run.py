@@ -125,7 +125,7 @@ class Bench:
             ("python", platform.python_version()),
             ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync})"),
             ("procrastinate", metadata.version("procrastinate")),
-            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} asyncio workers, Flask on {s.api_threads} threads each"),
+            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} asyncio workers, Flask on {s.api_threads} threads each, nice {s.api_nice}"),
             ("worker", f"concurrency {s.worker_concurrency} per process"),
             ("redis", "yes" if self.h.redis_url else "no (cache figures n/a)"),
             ("host cores", str(os.cpu_count())),
@@ -410,22 +410,33 @@ class Bench:
                              "≥ 0.8× empty", _verdict(rate >= 0.8 * f5)))
 
     def _sustained(self) -> None:
-        """Figure 10: 16 clients POST for a while against one API and two workers."""
+        """Figure 10: 16 clients POST for a while against one API and two workers.
+
+        Then again with the API at the workers' CPU priority, the same run's
+        reference for what ASYNCPROC_API_NICE buys on a shared host.
+        """
         seconds = self.plan.sustained_seconds
         self.say(f"figure 10: 16 clients for {seconds:g}s with 2 workers")
+        found = self._sustained_once(seconds)
+        self.say("figure 10 again, the API at the workers' priority")
+        self.h.restart_api({"ASYNCPROC_API_NICE": "0"})
+        try:
+            equal = self._sustained_once(seconds)
+        finally:
+            self.h.restart_api()
+        self.rows.append(Row(
+            f"10 sustained: 16 clients for {found.seconds:.0f} s, 1 API, 2 workers", _sustained_text(found),
+            f"API at the workers' priority: {_sustained_text(equal)}",
+            "all accepted completed, drained ≤ 5 s after the end",
+            _verdict(found.drained_after is not None and found.drained_after <= 5.0)))
+
+    def _sustained_once(self, seconds: float) -> figures.Sustained:
         workers = self.h.start_workers(2)
         try:
-            found = figures.sustained(self.h, 16, seconds, drain_wait=max(30.0, seconds))
+            return figures.sustained(self.h, 16, seconds, drain_wait=max(30.0, seconds))
         finally:
             self.h.stop(workers)
             self.h.reset()
-        drained = f"{found.drained_after:.1f} s" if found.drained_after is not None else "not within the wait"
-        self.rows.append(Row(
-            f"10 sustained: 16 clients for {found.seconds:.0f} s, 1 API, 2 workers",
-            f"accepted {found.accepted / found.seconds:,.0f}/s, completed {found.completed / found.seconds:,.0f}/s;"
-            f" {found.backlog_at_end:,} left at the end, drained {drained} after",
-            "", "all accepted completed, drained ≤ 5 s after the end",
-            _verdict(found.drained_after is not None and found.drained_after <= 5.0)))
 
     # -- output ----------------------------------------------------------
 
@@ -438,6 +449,12 @@ class Bench:
         for row in self.rows:
             print(f"| {row.figure} | {row.measured} | {row.reference} | {row.target} | {row.verdict} |", file=self.out)
         self.out.flush()
+
+
+def _sustained_text(found: figures.Sustained) -> str:
+    drained = f"{found.drained_after:.1f} s" if found.drained_after is not None else "not within the wait"
+    return (f"accepted {found.accepted / found.seconds:,.0f}/s, completed {found.completed / found.seconds:,.0f}/s;"
+            f" {found.backlog_at_end:,} left at the end, drained {drained} after")
 
 
 def run(settings: Settings, quick: bool, out: TextIO = sys.stdout, ledger_rows: int | None = None,

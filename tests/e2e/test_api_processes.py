@@ -8,6 +8,7 @@ import re
 import socket
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -24,10 +25,20 @@ SERVING = re.compile(r"\[(\d+)\] gunicorn\.error \[rid=-\] ASGI server listening
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, database_url) -> Iterator[tuple[Service, int]]:
+def service(tmp_path_factory, database_url) -> Iterator[tuple[Service, list[subprocess.Popen]]]:
     running, processes = start_service(tmp_path_factory.mktemp("api-processes"), database_url, None, concurrency=1)
-    yield running, processes[0].pid
+    yield running, processes
     assert stop_service(processes) == [0, 0], f"a process did not exit cleanly; logs in {running.logs}"
+
+
+@pytest.fixture
+def api(service) -> tuple[Service, int]:
+    running, processes = service
+    return running, processes[0].pid
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
 
 
 def _children(pid: int) -> list[int]:
@@ -103,3 +114,24 @@ def test_the_listen_queue_keeps_its_configured_length(api):
     # For a listening socket, ss shows the accept queue's length as Send-Q: gunicorn's default backlog.
     (line,) = listening.stdout.splitlines()
     assert int(line.split()[2]) == 2048, line
+
+
+def test_the_api_yields_the_cpu_to_the_workers_of_its_host(service):
+    # The kernel shares the cores equally between processes: at equal priority an API on the workers' host
+    # accepts tasks faster than the workers finish them, and the backlog grows for as long as the load lasts
+    # (docs/performance.md, figure 10).
+    running, (api, worker) = service
+    workers = wait_for(lambda: len(_children(api.pid)) == 2 and _children(api.pid), 30,
+                       f"both API processes to start (logs in {running.logs})")
+    assert [_nice(pid) for pid in (api.pid, *workers)] == [10, 10, 10]
+    assert _nice(worker.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+@pytest.mark.parametrize("started_at, configured, expected", [(0, 10, 10), (15, 10, 15), (3, 0, 3)])
+def test_the_api_only_ever_lowers_its_priority(started_at, configured, expected):
+    # An API started under `nice -n 15` keeps it; raising a priority needs privileges an API should not use.
+    probe = ("import os; from asyncproc.api.server import _yield_cpu_to_workers as y; "
+             f"y({configured}); print(os.getpriority(os.PRIO_PROCESS, 0))")
+    result = subprocess.run([sys.executable, "-c", probe], preexec_fn=lambda: os.nice(started_at),
+                            capture_output=True, text=True, check=True)
+    assert int(result.stdout) == expected

@@ -61,6 +61,9 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
     for line in table.splitlines():
         if "target" not in line and any(t in line for t in ("< ", "≥ ")):
             assert line.rstrip().endswith(("| PASS |", "| MISS |")), line
+    [sustained] = [line for line in table.splitlines() if "| 10 sustained" in line]
+    assert "| API at the workers' priority: accepted " in sustained, sustained
+    assert "threads each, nice 10 |" in table
     assert "| host cores |" in table and "| load average at start |" in table and "| procrastinate |" in table
     # A loose bound on figure 12 (the target is 2x, measured by the bench): a
     # thread-per-waiter server would stall POSTs for seconds, not milliseconds.

@@ -277,6 +277,12 @@ def test_migrate_runs_once_before_api_and_worker(compose):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
+def test_the_api_yields_the_cpu_to_the_workers(compose):
+    # Containers are cgroups of their own, which the API's nice does not order.
+    services = compose["services"]
+    assert services["api"]["cpu_shares"] * 8 < services["worker"].get("cpu_shares", 1024)
+
+
 def test_workers_can_be_scaled(compose):
     worker = compose["services"]["worker"]
     assert "container_name" not in worker, "a fixed name allows only one container"

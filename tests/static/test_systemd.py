@@ -47,3 +47,11 @@ def test_the_worker_may_take_longer_to_stop_than_its_grace_period():
 def test_migrate_waits_for_the_database():
     service = _unit(PROJECT_ROOT / "deploy" / "systemd" / "asyncproc-migrate.service")["Service"]
     assert _parser().parse_args(shlex.split(service["ExecStart"])[1:]).wait > 0
+
+
+def test_the_api_unit_yields_the_cpu_to_the_worker_units():
+    # Units are cgroups of their own, which the API's nice does not order.
+    directory = PROJECT_ROOT / "deploy" / "systemd"
+    api = _unit(directory / "asyncproc-api.service")["Service"]
+    worker = _unit(directory / "asyncproc-worker@.service")["Service"]
+    assert int(api["CPUWeight"]) * 8 < int(worker.get("CPUWeight", "100"))

@@ -69,6 +69,8 @@ def test_values_are_read_and_parsed():
         ("ASYNCPROC_RETAIN_CANCELLED", "-1d"),
         ("ASYNCPROC_PRUNE_BATCH_SIZE", "0"),
         ("ASYNCPROC_PRUNE_INTERVAL_SECONDS", "0"),
+        ("ASYNCPROC_API_NICE", "20"),
+        ("ASYNCPROC_API_NICE", "-5"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value):
