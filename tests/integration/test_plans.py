@@ -81,7 +81,7 @@ def explained(backlog_url) -> Iterator[tuple[psycopg.Connection, Callable[[], li
         yield session
 
 
-def assert_indexed(plans: list[str]) -> None:
+def assert_indexed(plans: list[str], backlog: int = BACKLOG) -> None:
     assert plans, "auto_explain reported no plan"
     bad = [plan for plan in plans if _BAD_NODE.search(plan)]
     assert not bad, "a scan of the backlog:\n" + "\n\n".join(bad)
@@ -90,7 +90,7 @@ def assert_indexed(plans: list[str]) -> None:
     heavy = [
         plan for plan in plans
         for rows, loops in _SCANNED_ROWS.findall(plan)
-        if int(rows) * int(loops) > BACKLOG // 10
+        if int(rows) * int(loops) > backlog // 10
     ]
     assert not heavy, "a plan that reads the backlog:\n" + "\n\n".join(heavy)
 
@@ -256,3 +256,66 @@ def test_a_worker_leaving_or_pruned_unbinds_its_jobs_through_an_index(backlog_ur
         assert conn.execute(
             "SELECT count(*) AS n FROM procrastinate_jobs WHERE worker_id IN (%s, %s)", (leaving, stalled)
         ).fetchone()["n"] == 0
+
+
+STALE_BACKLOG = 20_000
+
+
+@pytest.fixture(scope="module")
+def stale_url(empty_database) -> str:
+    """Statistics taken when every task had finished (a month of history), then a backlog the planner never saw.
+
+    The statistics say no task is pending, so every index on status looks like
+    it leads to no row at all, the cheapest path to any pending task.
+    """
+    url = empty_database()
+    with db.connect(url) as conn:
+        migrate.apply_all(conn, Settings().migrations_dir)
+        for table in ("tasks", "procrastinate_jobs", "procrastinate_events"):
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute(
+                "INSERT INTO tasks (operation, status, result, attempts, created_at, started_at, completed_at)"
+                " SELECT 'compute', 'completed', 'null', 1, t, t, t"
+                " FROM (SELECT now() - make_interval(secs => i) AS t FROM generate_series(1, %s) AS i) AS s",
+                (STALE_BACKLOG,),
+            )
+        conn.execute("SELECT asyncproc_recount()")
+        conn.execute("ANALYZE tasks")
+        conn.execute("ANALYZE procrastinate_jobs")
+        conn.execute(
+            "INSERT INTO tasks (operation, payload) SELECT 'compute', jsonb_build_object('n', i)"
+            " FROM generate_series(1, %s) AS i",
+            (STALE_BACKLOG,),
+        )
+    return url
+
+
+def test_the_hot_path_and_the_sweep_use_indexes_under_statistics_that_predate_the_backlog(stale_url):
+    # Figure 9 after figure 11 (a month of history analysed, then a million pending tasks): the sweep's
+    # reconciliation joined every pending task with every pending task through the status index (over a
+    # minute per sweep; the workers' throughput fell to a fifth).
+    timeout = " -c statement_timeout=30s"
+    with explaining(stale_url, db.worker_options(Settings()) + timeout) as (conn, plans):
+        ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
+        worker_id = _new_worker(conn)
+        jobs = [_fetch(conn, worker_id) for _ in range(3)]
+        conn.execute(db.query("tasks_mark_completed"), {
+            "task_ids": [job["args"]["claimed"]["task_id"] for job in jobs],
+            "attempts": [job["args"]["claimed"]["attempts"] for job in jobs],
+            "results": [Jsonb({"n": i}) for i in range(3)],
+            "job_ids": [job["id"] for job in jobs],
+        })
+        conn.execute("SELECT * FROM asyncproc_sweep(30)")
+        assert_indexed(plans(), STALE_BACKLOG)
+    with explaining(stale_url, timeout) as (conn, plans):
+        task_id = conn.execute(
+            "SELECT task_id FROM tasks WHERE status = 'pending' ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()["task_id"]
+        plans()
+        conn.execute("UPDATE tasks SET scheduled_at = now() + interval '1 hour' WHERE task_id = %s", (task_id,))
+        conn.execute("UPDATE tasks SET priority = 5 WHERE task_id = %s", (task_id,))
+        conn.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
+        conn.execute("SELECT * FROM asyncproc_sweep(30)")
+        assert_indexed(plans(), STALE_BACKLOG)
