@@ -5,8 +5,9 @@
 -- any pending task, and the planner joined the window of oldest pending tasks
 -- back to `tasks` by walking every pending task for each one of them (over a
 -- minute per sweep at a million pending; the workers' throughput fell to a
--- fifth). Now the window carries what the check needs, and only the tasks
--- found adrift are looked up again, by key, to be locked.
+-- fifth), and it probed each queued job at the head of the queue for its
+-- pending task by walking every pending task too. Now the window carries
+-- what the check needs, and every lookup of a task by its id goes by key.
 
 CREATE OR REPLACE FUNCTION asyncproc_sweep(stalled_seconds double precision, window_size integer DEFAULT 1000)
     RETURNS TABLE (requeued integer, failed integer, redeferred integer, dropped integer)
@@ -125,7 +126,9 @@ BEGIN
     END;
 
     -- Queued jobs at the head of the queue whose task is not pending, or gone,
-    -- looked up by id: a join would walk the whole queue.
+    -- looked up by id: a join would walk the whole queue. `IS TRUE`, as above:
+    -- the head of the queue is its newest tasks, at the far end of every index
+    -- on status, where a walk from the oldest pending task reaches them last.
     SELECT coalesce(array_agg(head.id), '{}') INTO strays
     FROM (
         SELECT id, args->>'task_id' AS task_id FROM procrastinate_jobs
@@ -137,7 +140,7 @@ BEGIN
         SELECT 1 AS found FROM tasks
         WHERE tasks.task_id = CASE WHEN head.task_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                                    THEN head.task_id::uuid END
-          AND tasks.status = 'pending'
+          AND (tasks.status = 'pending') IS TRUE
         LIMIT 1
     ) AS pending ON true
     WHERE pending.found IS NULL;

@@ -25,6 +25,8 @@ from tests.integration.test_fairness import new_owner
 
 BACKLOG = 100_000
 _SCANNED_ROWS = re.compile(r"Scan[^\n]* on (?:tasks|procrastinate_jobs)\b[^\n]*\(actual rows=(\d+) loops=(\d+)\)")
+_NODE = re.compile(r"\s*->  ")
+_REMOVED = re.compile(r"Rows Removed by Filter: (\d+)")
 _BAD_NODE = re.compile(r"(Seq Scan|Bitmap Heap Scan|Bitmap Index Scan) on (tasks|procrastinate_jobs)\b")
 
 
@@ -87,12 +89,24 @@ def assert_indexed(plans: list[str], backlog: int = BACKLOG) -> None:
     assert not bad, "a scan of the backlog:\n" + "\n\n".join(bad)
     # An index scan can read the backlog too (a whole index, materialized and
     # filtered): no scan of these tables may read more than a tenth of it.
-    heavy = [
-        plan for plan in plans
-        for rows, loops in _SCANNED_ROWS.findall(plan)
-        if int(rows) * int(loops) > backlog // 10
-    ]
+    heavy = [plan for plan in plans if any(read > backlog // 10 for read in _rows_read(plan))]
     assert not heavy, "a plan that reads the backlog:\n" + "\n\n".join(heavy)
+
+
+def _rows_read(plan: str) -> Iterator[int]:
+    """Rows each scan of tasks or procrastinate_jobs read in all its loops: those it returned and those its
+    filter removed (EXPLAIN gives both per loop)."""
+    scan = None
+    for line in plan.splitlines():
+        found = _SCANNED_ROWS.search(line)
+        if found or _NODE.match(line):
+            if scan is not None:
+                yield scan[0] * scan[1]
+            scan = [int(found[1]), int(found[2])] if found else None
+        elif scan is not None and (removed := _REMOVED.search(line)):
+            scan[0] += int(removed[1])
+    if scan is not None:
+        yield scan[0] * scan[1]
 
 
 def _new_worker(conn) -> int:
@@ -263,7 +277,7 @@ STALE_BACKLOG = 20_000
 
 @pytest.fixture(scope="module")
 def stale_url(empty_database) -> str:
-    """Statistics taken when every task had finished (a month of history), then a backlog the planner never saw.
+    """Statistics taken when every task had finished (a month of history, then cleared), then a backlog the planner never saw.
 
     The statistics say no task is pending, so every index on status looks like
     it leads to no row at all, the cheapest path to any pending task.
@@ -284,11 +298,16 @@ def stale_url(empty_database) -> str:
         conn.execute("SELECT asyncproc_recount()")
         conn.execute("ANALYZE tasks")
         conn.execute("ANALYZE procrastinate_jobs")
+        # As the bench clears figure 11's history: the table's size is forgotten, its columns' statistics stay.
+        conn.execute("TRUNCATE tasks")
         conn.execute(
             "INSERT INTO tasks (operation, payload) SELECT 'compute', jsonb_build_object('n', i)"
             " FROM generate_series(1, %s) AS i",
             (STALE_BACKLOG,),
         )
+        # Newer tasks ahead of the backlog, as figure 9's: the head of the queue is at the far end of every
+        # index on (status, created_at), where a walk from the oldest pending task reaches it last.
+        conn.execute("INSERT INTO tasks (operation, priority) SELECT 'compute', 1 FROM generate_series(1, 100)")
     return url
 
 
