@@ -85,7 +85,7 @@ BEGIN
                 CROSS JOIN LATERAL (
                     SELECT t.task_id, t.priority, t.scheduled_at FROM tasks AS t
                     WHERE t.status = 'pending' AND t.operation = operations.operation
-                    ORDER BY t.operation, t.created_at LIMIT window_size
+                    ORDER BY t.created_at LIMIT window_size
                 ) AS w
                 LEFT JOIN LATERAL (
                     SELECT j.id, j.priority, j.scheduled_at FROM procrastinate_jobs AS j
