@@ -52,8 +52,9 @@ def test_soak_with_a_killed_worker_and_a_database_outage(fleet, cluster):
     fleet.worker("worker-2", concurrency=8)
 
     soak_until(0.5, "load before the database outage")
-    cluster.stop()
+    # The outage starts with the stop: requests fail while the server shuts down, before stop() returns.
     down_at = time.monotonic()
+    cluster.stop()
     wait_for(
         lambda: any(a.at > down_at + OUTAGE_SECONDS for a in load.outage_answers()),
         OUTAGE_SECONDS + REQUEST_TIMEOUT_SECONDS,
