@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 from typing import Callable, Iterator
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -118,6 +119,30 @@ def _fetch(conn, worker_id: int) -> dict:
     return conn.execute(db.query("jobs_fetch"), params).fetchone()
 
 
+def _complete(conn, jobs: list[dict]) -> None:
+    """The worker's batched completion of the fetched `jobs`."""
+    claimed = [job["args"]["claimed"] for job in jobs]
+    conn.execute(db.query("tasks_mark_completed"), {
+        "task_ids": [c["task_id"] for c in claimed],
+        "attempts": [c["attempts"] for c in claimed],
+        "results": [Jsonb({"n": i}) for i in range(len(jobs))],
+        "job_ids": [job["id"] for job in jobs],
+    })
+
+
+def _newest_pending(conn) -> UUID:
+    return conn.execute(
+        "SELECT task_id FROM tasks WHERE status = 'pending' ORDER BY created_at DESC LIMIT 1"
+    ).fetchone()["task_id"]
+
+
+def _operator_changes(conn, task_id: UUID) -> None:
+    """What an operator does to a pending task in psql: reschedule, reprioritise, cancel."""
+    conn.execute("UPDATE tasks SET scheduled_at = now() + interval '1 hour' WHERE task_id = %s", (task_id,))
+    conn.execute("UPDATE tasks SET priority = 5 WHERE task_id = %s", (task_id,))
+    conn.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
+
+
 def test_the_apis_insert_and_its_defer_probe_the_queueing_lock_index(backlog_url):
     with explaining(backlog_url) as (conn, plans):
         ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
@@ -148,28 +173,18 @@ def test_the_batched_completion_probes_the_primary_key(explained):
     conn, plans = explained
     worker_id = _new_worker(conn)
     jobs = [_fetch(conn, worker_id) for _ in range(3)]
-    claimed = [job["args"]["claimed"] for job in jobs]
     plans()
-    conn.execute(db.query("tasks_mark_completed"), {
-        "task_ids": [c["task_id"] for c in claimed],
-        "attempts": [c["attempts"] for c in claimed],
-        "results": [Jsonb({"n": i}) for i in range(3)],
-        "job_ids": [job["id"] for job in jobs],
-    })
+    _complete(conn, jobs)
     assert_indexed(plans())
 
 
 def test_an_operators_insert_cancel_and_reschedule_use_indexes(backlog_url):
     # A psql session has none of the worker's settings: what our triggers run must plan well by itself.
     with explaining(backlog_url) as (conn, plans):
-        task_id = conn.execute(
-            "SELECT task_id FROM tasks WHERE status = 'pending' ORDER BY created_at DESC LIMIT 1"
-        ).fetchone()["task_id"]
+        task_id = _newest_pending(conn)
         plans()
         conn.execute("INSERT INTO tasks (operation) VALUES ('compute')")
-        conn.execute("UPDATE tasks SET scheduled_at = now() + interval '1 hour' WHERE task_id = %s", (task_id,))
-        conn.execute("UPDATE tasks SET priority = 5 WHERE task_id = %s", (task_id,))
-        conn.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
+        _operator_changes(conn, task_id)
         assert_indexed(plans())
 
 
@@ -320,21 +335,12 @@ def test_the_hot_path_and_the_sweep_use_indexes_under_statistics_that_predate_th
         ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
         worker_id = _new_worker(conn)
         jobs = [_fetch(conn, worker_id) for _ in range(3)]
-        conn.execute(db.query("tasks_mark_completed"), {
-            "task_ids": [job["args"]["claimed"]["task_id"] for job in jobs],
-            "attempts": [job["args"]["claimed"]["attempts"] for job in jobs],
-            "results": [Jsonb({"n": i}) for i in range(3)],
-            "job_ids": [job["id"] for job in jobs],
-        })
+        _complete(conn, jobs)
         conn.execute("SELECT * FROM asyncproc_sweep(30)")
         assert_indexed(plans(), STALE_BACKLOG)
     with explaining(stale_url, timeout) as (conn, plans):
-        task_id = conn.execute(
-            "SELECT task_id FROM tasks WHERE status = 'pending' ORDER BY created_at DESC LIMIT 1"
-        ).fetchone()["task_id"]
+        task_id = _newest_pending(conn)
         plans()
-        conn.execute("UPDATE tasks SET scheduled_at = now() + interval '1 hour' WHERE task_id = %s", (task_id,))
-        conn.execute("UPDATE tasks SET priority = 5 WHERE task_id = %s", (task_id,))
-        conn.execute("SELECT * FROM asyncproc_cancel(%s)", (task_id,))
+        _operator_changes(conn, task_id)
         conn.execute("SELECT * FROM asyncproc_sweep(30)")
         assert_indexed(plans(), STALE_BACKLOG)
