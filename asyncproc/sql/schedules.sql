@@ -29,7 +29,7 @@ FOR UPDATE SKIP LOCKED
 -- same occurrence, from any worker, finds the row and inserts no task.
 WITH run AS (
     INSERT INTO asyncproc_schedule_runs (schedule_name, scheduled_for, task_id)
-    VALUES (%(name)s, %(scheduled_for)s, gen_random_uuid())
+    VALUES (%(name)s, %(scheduled_for)s, asyncproc_new_task_id())
     ON CONFLICT (schedule_name, scheduled_for) DO NOTHING
     RETURNING task_id
 )

@@ -205,3 +205,17 @@ def test_the_operator_role_manages_schedules_limits_and_cancels_tasks_with_callb
         schedules.execute("DELETE FROM asyncproc_operation_settings")
         schedules.execute(f"DROP OWNED BY {role}")
         schedules.execute(f"DROP ROLE {role}")
+
+
+def test_a_scheduled_task_gets_a_time_ordered_id(schedules, database_url):
+    schedules.execute(
+        "INSERT INTO asyncproc_schedules (name, every_seconds, operation, payload, next_run_at) "
+        "VALUES ('stamped', 3600, 'compute', '{\"n\": 1}', now() - interval '1 second')"
+    )
+    assert tick(database_url) == 1
+    run = schedules.execute(
+        "SELECT task_id, floor(extract(epoch FROM now()) * 1000)::bigint AS ms FROM asyncproc_schedule_runs"
+        " WHERE schedule_name = 'stamped'"
+    ).fetchone()
+    assert run["task_id"].version == 7
+    assert abs((run["task_id"].int >> 80) - run["ms"]) < 60_000
