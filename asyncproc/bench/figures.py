@@ -57,18 +57,29 @@ def post_latency(h: Harness, samples: int) -> list[float]:
     return post_latencies(h.port, samples)
 
 
+def post_latency_alternating(services: list[Harness], samples: int) -> list[list[float]]:
+    """Figure 1 on several services, one request to each in turn; a list of latencies per service."""
+    return _post_latencies([h.port for h in services], samples)
+
+
 def post_latencies(port: int, samples: int) -> list[float]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    latencies = []
+    return _post_latencies([port], samples)[0]
+
+
+def _post_latencies(ports: list[int], samples: int) -> list[list[float]]:
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for port in ports]
+    latencies: list[list[float]] = [[] for _ in ports]
     for index in range(samples + 10):
-        start = time.perf_counter()
-        status, body = _call(connection, "POST", "/process", NOOP_BODY)
-        elapsed = time.perf_counter() - start
-        if status != 202:
-            raise RuntimeError(f"POST /process answered {status}: {body[:200]!r}")
-        if index >= 10:  # the first requests warm up connections and prepared statements
-            latencies.append(elapsed)
-    connection.close()
+        for connection, found in zip(connections, latencies):
+            start = time.perf_counter()
+            status, body = _call(connection, "POST", "/process", NOOP_BODY)
+            elapsed = time.perf_counter() - start
+            if status != 202:
+                raise RuntimeError(f"POST /process answered {status}: {body[:200]!r}")
+            if index >= 10:  # the first requests warm up connections and prepared statements
+                found.append(elapsed)
+    for connection in connections:
+        connection.close()
     return latencies
 
 
@@ -149,18 +160,28 @@ def _wait_final(conn: psycopg.Connection, task_id: Any, timeout: float = 30) -> 
 
 def dispatch_latency(h: Harness, samples: int) -> list[float]:
     """From the moment the INSERT's commit returned to the handler's first line."""
-    latencies = []
-    with db.connect(h.database_url, h.settings, "asyncproc-bench-ref") as conn:
+    return dispatch_latency_alternating([h], samples)[0]
+
+
+def dispatch_latency_alternating(services: list[Harness], samples: int) -> list[list[float]]:
+    """dispatch_latency() on several services, one task on each in turn; a list per service."""
+    latencies: list[list[float]] = [[] for _ in services]
+    conns = [db.connect(h.database_url, h.settings, "asyncproc-bench-ref") for h in services]
+    try:
         for index in range(samples + 3):
-            task_id = conn.execute(
-                "INSERT INTO tasks (operation, payload) VALUES ('bench.stamp', '{}') RETURNING task_id"
-            ).fetchone()["task_id"]
-            committed = time.time()
-            row = _wait_final(conn, task_id)
-            if row["status"] != "completed":
-                raise RuntimeError(f"bench.stamp task {task_id} ended {row['status']}")
-            if index >= 3:
-                latencies.append(row["result"] - committed)
+            for conn, found in zip(conns, latencies):
+                task_id = conn.execute(
+                    "INSERT INTO tasks (operation, payload) VALUES ('bench.stamp', '{}') RETURNING task_id"
+                ).fetchone()["task_id"]
+                committed = time.time()
+                row = _wait_final(conn, task_id)
+                if row["status"] != "completed":
+                    raise RuntimeError(f"bench.stamp task {task_id} ended {row['status']}")
+                if index >= 3:
+                    found.append(row["result"] - committed)
+    finally:
+        for conn in conns:
+            conn.close()
     return latencies
 
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -34,12 +35,12 @@ BACKLOG_REQUEST_ID = "bench-backlog"
 class Harness:
     """Owns every process and database the benchmark starts, and removes them in close()."""
 
-    def __init__(self, settings: Settings, concurrency: int):
+    def __init__(self, settings: Settings, concurrency: int, server_url: str | None = None):
         self.settings = settings
         self.concurrency = concurrency
         self.workdir = Path(tempfile.mkdtemp(prefix="asyncproc-bench-"))
         self._embedded: EmbeddedPostgres | None = None
-        self._server_url: str | None = None
+        self._server_url = server_url
         self._redis: subprocess.Popen | None = None
         self._api: subprocess.Popen | None = None
         self.database_url = ""
@@ -50,9 +51,9 @@ class Harness:
     # -- start and stop -------------------------------------------------
 
     def start(self) -> None:
-        if self.settings.database_url:
+        if self._server_url is None and self.settings.database_url:
             self._server_url = self.settings.database_url
-        else:
+        elif self._server_url is None:
             # Durable: fsync and synchronous_commit stay on, as in production.
             self._embedded = EmbeddedPostgres(self.workdir / "postgres", durable=True)
             self._embedded.start()
@@ -66,6 +67,19 @@ class Harness:
         if self.redis_url is None and shutil.which("redis-server"):
             self._start_redis()
         self.restart_api()
+
+    def twin(self) -> "Harness":
+        """A second service, started, on the same PostgreSQL server and Redis, with a
+        database, an API and workers of its own; the caller closes it.
+
+        The reference of the figures that compare a loaded table with an empty one:
+        measured in alternation with this harness, a moment when the machine is
+        slower slows both alike, where a reference taken minutes earlier differed
+        by 20 % from run to run on a shared 2-core machine.
+        """
+        twin = Harness(replace(self.settings, redis_url=self.redis_url), self.concurrency, self._server_url)
+        twin.start()
+        return twin
 
     def close(self) -> None:
         if self._api is not None:

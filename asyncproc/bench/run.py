@@ -69,8 +69,14 @@ def _median(measure: Callable[[], float], runs: int) -> float:
 
 
 def _median_pair(measure: Callable[[], list[float]], runs: int) -> tuple[float, float]:
-    pairs = [figures.p50_p99(measure()) for _ in range(runs)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    return _median_pairs(lambda: [measure()], runs)[0]
+
+
+def _median_pairs(measure: Callable[[], list[list[float]]], runs: int) -> list[tuple[float, float]]:
+    """(p50, p99), each the median over `runs`, of each of the latency lists one measure returns."""
+    found = [[figures.p50_p99(latencies) for latencies in measure()] for _ in range(runs)]
+    return [(statistics.median(run[i][0] for run in found), statistics.median(run[i][1] for run in found))
+            for i in range(len(found[0]))]
 
 
 def _verdict(ok: bool) -> str:
@@ -93,6 +99,8 @@ class Bench:
         self.rows: list[Row] = []
         self.setup: list[tuple[str, str]] = []
         self.h = Harness(settings, settings.worker_concurrency)
+        # Figures 8, 9 and 11 alternate with this second, empty service (Harness.twin).
+        self.twin: Harness | None = None
 
     def say(self, text: str) -> None:
         print(f"bench: {text}", file=sys.stderr, flush=True)
@@ -102,13 +110,18 @@ class Bench:
         try:
             self.h.start()
             setup = self._setup()
-            empty = self._figures_without_workers()
-            empty.update(self._figures_with_workers())
-            self._flatness(empty)
-            self._ledger(empty)
-            self._backlog(empty)
+            self._figures_without_workers()
+            self._figures_with_workers()
+            self.twin = self.h.twin()
+            self._flatness()
+            self._ledger()
+            self._backlog()
+            self.twin.close()
+            self.twin = None
             self._sustained()
         finally:
+            if self.twin is not None:
+                self.twin.close()
             self.h.close()
         self.setup = setup
         self.print_tables()
@@ -143,7 +156,7 @@ class Bench:
         self.h.reset()
         return api, ref
 
-    def _figures_without_workers(self) -> dict[str, object]:
+    def _figures_without_workers(self) -> None:
         p = self.plan
         self.say("figure 1: POST /process latency")
         api, ref = self._post_latency()
@@ -171,7 +184,6 @@ class Bench:
         self.rows.append(Row(f"3 POST /process/batch ({p.batch_size}/request)", f"{rate:,.0f} tasks/s", "",
                              "≥ 10,000 tasks/s", _verdict(rate >= 10_000)))
         self._siege()
-        return {"f1": api}
 
     def _siege(self) -> None:
         waiters, slow = SIEGE_WAITERS, SIEGE_SLOW
@@ -188,13 +200,12 @@ class Bench:
                              _lat(besieged), "idle " + _lat(idle), "p99 ≤ 2× idle",
                              _verdict(besieged[1] <= 2 * idle[1])))
 
-    def _figures_with_workers(self) -> dict[str, object]:
+    def _figures_with_workers(self) -> None:
         p = self.plan
-        found: dict[str, object] = {}
         workers = self.h.start_workers(1)
         try:
             self.say("figure 4: dispatch latency")
-            found["f4"] = dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
+            dispatch = _median_pair(lambda: figures.dispatch_latency(self.h, p.dispatch_samples), p.runs)
             self.rows.append(Row("4 dispatch: committed → handler started", _lat(dispatch), "",
                                  "p50 < 6 ms, p99 < 30 ms", _verdict(dispatch[0] < 0.006 and dispatch[1] < 0.030)))
             self.say("figure 6: result latency with ?wait")
@@ -214,7 +225,6 @@ class Bench:
         self.say("figure 5: worker throughput")
         for count in (1, 2):
             ours, plain, ratio = self._worker_rates(count)
-            found[f"f5_{count}"] = ours
             target, verdict = ("", "")
             if count == 2:
                 target, verdict = "≥ 400 tasks/s and ≥ 1.0× plain", _verdict(ours >= 400 and ratio >= 1.0)
@@ -222,7 +232,6 @@ class Bench:
                                  f"{ours:,.0f} tasks/s ({ratio:.2f}× plain)",
                                  f"plain Procrastinate {plain:,.0f} jobs/s", target, verdict))
         self._isolation_cost()
-        return found
 
     def _isolation_cost(self) -> None:
         """What running a sync handler in a child process costs per task, against a thread."""
@@ -282,48 +291,76 @@ class Bench:
         self.rows.append(Row("7 GET /results, cache miss (in process)", _lat(miss) if miss else "n/a (no Redis)", "", "", ""))
         self.rows.append(Row("7 GET /results, Redis off (in process)", _lat(off), "", "", ""))
 
-    def _dispatch_on_one_worker(self) -> tuple[float, float]:
-        """Figure 4 against whatever the database holds now, on a worker started and stopped for it."""
-        workers = self.h.start_workers(1)
+    # -- figures 8, 11 and 9: each beside the empty twin, alternating ---------
+
+    def _post_latency_beside_empty(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        loaded, empty = _median_pairs(
+            lambda: figures.post_latency_alternating([self.h, self.twin], self.plan.post_samples), self.plan.runs)
+        self.h.reset()
+        self.twin.reset()
+        return loaded, empty
+
+    def _dispatch_beside_empty(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Figure 4 here and on the twin, on one worker each, started and stopped for it."""
+        workers = self.h.start_workers(1) + self.twin.start_workers(1)
         try:
-            return _median_pair(lambda: figures.dispatch_latency(self.h, self.plan.dispatch_samples), self.plan.runs)
+            loaded, empty = _median_pairs(
+                lambda: figures.dispatch_latency_alternating([self.h, self.twin], self.plan.dispatch_samples),
+                self.plan.runs)
         finally:
             self.h.stop(workers)
+        self.twin.reset()
+        return loaded, empty
 
-    def _flatness(self, empty: dict[str, object]) -> None:
+    def _throughput_beside_empty(self, drain_here: Callable[[], float]) -> tuple[float, float, float]:
+        """Figure 5 with 2 processes here (`drain_here`) and on the twin, runs alternating,
+        both sets of workers up throughout; (here, empty, the median of the per-pair ratios)."""
+        workers = self.h.start_workers(2) + self.twin.start_workers(2)
+        here, empty = [], []
+        try:
+            for _ in range(self.plan.runs):
+                here.append(drain_here())
+                empty.append(figures.worker_rate(self.twin, self.plan.worker_tasks))
+                self.twin.reset()
+        finally:
+            self.h.stop(workers)
+        return statistics.median(here), statistics.median(empty), statistics.median(a / b for a, b in zip(here, empty))
+
+    def _latency_row(self, figure: str, loaded: tuple[float, float], empty: tuple[float, float]) -> None:
+        self.rows.append(Row(figure, _lat(loaded), "empty, alternating " + _lat(empty), "p50, p99 ≤ 1.2× empty",
+                             _verdict(loaded[0] <= 1.2 * empty[0] and loaded[1] <= 1.2 * empty[1])))
+
+    def _throughput_row(self, figure: str, found: tuple[float, float, float]) -> None:
+        here, empty, ratio = found
+        self.rows.append(Row(figure, f"{here:,.0f} tasks/s ({ratio:.2f}× empty)", f"empty, alternating {empty:,.0f} tasks/s",
+                             "≥ 0.8× empty", _verdict(ratio >= 0.8)))
+
+    def _flatness(self) -> None:
         p = self.plan
         self.say(f"figure 8: seeding {p.seed_rows:,} finished tasks")
         seconds = self.h.seed_finished(p.seed_rows)
         self.say(f"seeded in {seconds:.1f}s; re-measuring figures 1, 4 and 5")
         try:
-            api, _ = self._post_latency()
-            dispatch = self._dispatch_on_one_worker()
+            api = self._post_latency_beside_empty()
+            dispatch = self._dispatch_beside_empty()
             self.h.reset()
-            workers = self.h.start_workers(2)
-            try:
-                rate = statistics.median(self._drain_once() for _ in range(p.runs))
-            finally:
-                self.h.stop(workers)
+            throughput = self._throughput_beside_empty(self._drain_once)
         finally:
             self.h.remove_seed()
         label = f"8 with {p.seed_rows:,} finished rows:"
-        f1, f4, f5 = empty["f1"], empty["f4"], empty["f5_2"]
-        self.rows.append(Row(f"{label} figure 1", _lat(api), "empty " + _lat(f1), "p50, p99 ≤ 1.2× empty",
-                             _verdict(api[0] <= 1.2 * f1[0] and api[1] <= 1.2 * f1[1])))
-        self.rows.append(Row(f"{label} figure 4", _lat(dispatch), "empty " + _lat(f4), "p50, p99 ≤ 1.2× empty",
-                             _verdict(dispatch[0] <= 1.2 * f4[0] and dispatch[1] <= 1.2 * f4[1])))
-        self.rows.append(Row(f"{label} figure 5 (2 processes)", f"{rate:,.0f} tasks/s", f"empty {f5:,.0f} tasks/s",
-                             "≥ 0.8× empty", _verdict(rate >= 0.8 * f5)))
+        self._latency_row(f"{label} figure 1", *api)
+        self._latency_row(f"{label} figure 4", *dispatch)
+        self._throughput_row(f"{label} figure 5 (2 processes)", throughput)
 
-    def _ledger(self, empty: dict[str, object]) -> None:
+    def _ledger(self) -> None:
         p = self.plan
         self.say(f"figure 11: seeding a month of {p.ledger_rows:,} finished tasks, with counts and history")
         seconds = self.h.seed_ledger(p.ledger_rows)
         self.say(f"seeded in {seconds:.1f}s; re-measuring figures 1 and 4, /metrics, the reporting views, pruning")
         label = f"11 ledger of {p.ledger_rows:,} tasks:"
         try:
-            api, _ = self._post_latency()
-            dispatch = self._dispatch_on_one_worker()
+            api = self._post_latency_beside_empty()
+            dispatch = self._dispatch_beside_empty()
             self.h.reset()
             scrape = _median_pair(lambda: figures.metrics_latency(self.h, max(10, p.post_samples // 10)), p.runs)
             views = figures.reporting_latencies(self.h, 5)
@@ -339,11 +376,8 @@ class Bench:
             self.h.reset()
         finally:
             self.h.remove_seed()
-        f1, f4 = empty["f1"], empty["f4"]
-        self.rows.append(Row(f"{label} figure 1", _lat(api), "empty " + _lat(f1), "p50, p99 ≤ 1.2× empty",
-                             _verdict(api[0] <= 1.2 * f1[0] and api[1] <= 1.2 * f1[1])))
-        self.rows.append(Row(f"{label} figure 4", _lat(dispatch), "empty " + _lat(f4), "p50, p99 ≤ 1.2× empty",
-                             _verdict(dispatch[0] <= 1.2 * f4[0] and dispatch[1] <= 1.2 * f4[1])))
+        self._latency_row(f"{label} figure 1", *api)
+        self._latency_row(f"{label} figure 4", *dispatch)
         self.rows.append(Row(f"{label} GET /metrics", _lat(scrape), "", "< 50 ms", _verdict(scrape[1] < 0.050)))
         self.rows.append(Row(f"{label} slowest reporting view", f"{slowest}: {_ms(views[slowest])}",
                              ", ".join(f"{name} {views[name] * MS:.1f}" for name in views if name != slowest) + " (ms)",
@@ -366,7 +400,7 @@ class Bench:
         inserts = statistics.median(figures.insert_load(self.h, 1, p.load_seconds).rate for _ in range(p.runs))
         return posts, inserts
 
-    def _backlog(self, empty: dict[str, object]) -> None:
+    def _backlog(self) -> None:
         """Figure 9: enqueue, dispatch and throughput with a growing backlog of pending tasks, never analysed."""
         p = self.plan
         self.h.reset()
@@ -389,25 +423,20 @@ class Bench:
                                      f"no backlog {insert0:,.0f}/s", "≥ 0.8× no backlog",
                                      _verdict(insert >= 0.8 * insert0)))
             self.say(f"figure 9: dispatch and throughput with {seeded:,} pending")
-            dispatch = self._dispatch_on_one_worker()
+            dispatch = self._dispatch_beside_empty()
             self.h.remove_figure_tasks()
-            workers = self.h.start_workers(2)
-            rates = []
-            try:
-                for _ in range(p.runs):
-                    rates.append(figures.backlog_worker_rate(self.h, p.worker_tasks))
-                    self.h.remove_figure_tasks()
-            finally:
-                self.h.stop(workers)
+            throughput = self._throughput_beside_empty(self._drain_over_backlog)
         finally:
             self.h.remove_seed()
             self.h.reset()
-        rate, f4, f5 = statistics.median(rates), empty["f4"], empty["f5_2"]
         label = f"9 with {seeded:,} pending:"
-        self.rows.append(Row(f"{label} figure 4", _lat(dispatch), "empty " + _lat(f4), "p50, p99 ≤ 1.2× empty",
-                             _verdict(dispatch[0] <= 1.2 * f4[0] and dispatch[1] <= 1.2 * f4[1])))
-        self.rows.append(Row(f"{label} figure 5 (2 processes)", f"{rate:,.0f} tasks/s", f"empty {f5:,.0f} tasks/s",
-                             "≥ 0.8× empty", _verdict(rate >= 0.8 * f5)))
+        self._latency_row(f"{label} figure 4", *dispatch)
+        self._throughput_row(f"{label} figure 5 (2 processes)", throughput)
+
+    def _drain_over_backlog(self) -> float:
+        rate = figures.backlog_worker_rate(self.h, self.plan.worker_tasks)
+        self.h.remove_figure_tasks()
+        return rate
 
     def _sustained(self) -> None:
         """Figure 10: 16 clients POST for a while against one API and two workers.

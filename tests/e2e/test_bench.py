@@ -61,6 +61,10 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
     for line in table.splitlines():
         if "target" not in line and any(t in line for t in ("< ", "≥ ")):
             assert line.rstrip().endswith(("| PASS |", "| MISS |")), line
+    # Figures 8, 9 and 11 are measured in alternation with an empty twin service.
+    against_empty = [line for line in table.splitlines() if "× empty |" in line]
+    assert len(against_empty) == 7, table
+    assert all("| empty, alternating " in line for line in against_empty), against_empty
     [sustained] = [line for line in table.splitlines() if "| 10 sustained" in line]
     assert "| API at the workers' priority: accepted " in sustained, sustained
     assert "threads each, nice 10 |" in table
