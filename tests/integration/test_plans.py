@@ -226,6 +226,22 @@ def test_a_fetch_reads_none_of_a_far_future_backlog(explained):
     assert_indexed(plans())
 
 
+def test_a_workers_fetch_plans_its_statements_once_not_on_every_call(explained):
+    """PL/pgSQL plans a statement afresh for its first five calls, then keeps a
+    generic plan only if it looks no dearer than the fresh ones: at a million
+    queued jobs it never did, and every fetch planned its statements again
+    (0.25 ms of a 0.5 ms empty fetch; figure 9). A generic plan keeps the queue
+    names as a parameter ($1); one planned for the call has them as a constant.
+    """
+    conn, plans = explained
+    worker_id = _new_worker(conn)
+    plans()
+    for _ in range(8):
+        assert _fetch(conn, worker_id)["args"]["claimed"] is not None
+        heads = [plan for plan in plans() if "ORDER BY priority DESC, id ASC" in plan]
+        assert heads and all("$1 IS NULL" in plan for plan in heads), "a fetch planned for the call:\n" + heads[0]
+
+
 def test_the_sweep_uses_indexes_once_the_tables_are_analysed(empty_database):
     # Statistics of a large pending backlog (autovacuum's ANALYZE) made the planner read every pending
     # task's entry of tasks_owner_active_idx to find the few running ones.
