@@ -79,6 +79,12 @@ def _median_pairs(measure: Callable[[], list[list[float]]], runs: int) -> list[t
             for i in range(len(found[0]))]
 
 
+def _rates_beside(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(here, empty) rates of alternating runs: both medians, and the median of the per-pair ratios."""
+    return (statistics.median(here for here, _ in pairs), statistics.median(empty for _, empty in pairs),
+            statistics.median(here / empty for here, empty in pairs))
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -132,11 +138,13 @@ class Bench:
         server = conn.execute("SHOW server_version").fetchone()["server_version"]
         sync = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
         fsync = conn.execute("SHOW fsync").fetchone()["fsync"]
+        # With autovacuum off, nothing vacuums or analyses the figures' tables but the bench itself.
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()["autovacuum"]
         s = self.settings
         return [
             ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
             ("python", platform.python_version()),
-            ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync})"),
+            ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync}, autovacuum {autovacuum})"),
             ("procrastinate", metadata.version("procrastinate")),
             ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} asyncio workers, Flask on {s.api_threads} threads each, nice {s.api_nice}"),
             ("worker", f"concurrency {s.worker_concurrency} per process"),
@@ -314,25 +322,37 @@ class Bench:
 
     def _throughput_beside_empty(self, drain_here: Callable[[], float]) -> tuple[float, float, float]:
         """Figure 5 with 2 processes here (`drain_here`) and on the twin, runs alternating,
-        both sets of workers up throughout; (here, empty, the median of the per-pair ratios)."""
+        both sets of workers up throughout."""
         workers = self.h.start_workers(2) + self.twin.start_workers(2)
-        here, empty = [], []
+        pairs = []
         try:
             for _ in range(self.plan.runs):
-                here.append(drain_here())
-                empty.append(figures.worker_rate(self.twin, self.plan.worker_tasks))
+                pairs.append((drain_here(), figures.worker_rate(self.twin, self.plan.worker_tasks)))
                 self.twin.reset()
         finally:
             self.h.stop(workers)
-        return statistics.median(here), statistics.median(empty), statistics.median(a / b for a, b in zip(here, empty))
+        return _rates_beside(pairs)
+
+    def _enqueue_beside_empty(self) -> list[tuple[float, float, float]]:
+        """Figure 9's enqueue: POST /process at 16 connections, then the bare INSERT from one
+        connection, here and on the twin, runs alternating; what they queue stays queued until
+        both are measured."""
+        p = self.plan
+        found = []
+        for measure in (lambda h: figures.post_load(h, 16, p.load_seconds).rate,
+                        lambda h: figures.insert_load(h, 1, p.load_seconds).rate):
+            found.append(_rates_beside([(measure(self.h), measure(self.twin)) for _ in range(p.runs)]))
+        self.h.remove_figure_tasks()
+        self.twin.reset()
+        return found
 
     def _latency_row(self, figure: str, loaded: tuple[float, float], empty: tuple[float, float]) -> None:
         self.rows.append(Row(figure, _lat(loaded), "empty, alternating " + _lat(empty), "p50, p99 ≤ 1.2× empty",
                              _verdict(loaded[0] <= 1.2 * empty[0] and loaded[1] <= 1.2 * empty[1])))
 
-    def _throughput_row(self, figure: str, found: tuple[float, float, float]) -> None:
+    def _rate_row(self, figure: str, found: tuple[float, float, float], unit: str = "tasks/s") -> None:
         here, empty, ratio = found
-        self.rows.append(Row(figure, f"{here:,.0f} tasks/s ({ratio:.2f}× empty)", f"empty, alternating {empty:,.0f} tasks/s",
+        self.rows.append(Row(figure, f"{here:,.0f} {unit} ({ratio:.2f}× empty)", f"empty, alternating {empty:,.0f} {unit}",
                              "≥ 0.8× empty", _verdict(ratio >= 0.8)))
 
     def _flatness(self) -> None:
@@ -350,7 +370,7 @@ class Bench:
         label = f"8 with {p.seed_rows:,} finished rows:"
         self._latency_row(f"{label} figure 1", *api)
         self._latency_row(f"{label} figure 4", *dispatch)
-        self._throughput_row(f"{label} figure 5 (2 processes)", throughput)
+        self._rate_row(f"{label} figure 5 (2 processes)", throughput)
 
     def _ledger(self) -> None:
         p = self.plan
@@ -393,20 +413,10 @@ class Bench:
                              f"not pruning {quiet_load.rate:,.0f} req/s, p99 {_ms(quiet_p99)}",
                              "p99 ≤ 2× not pruning", _verdict(busy_p99 <= 2 * quiet_p99)))
 
-    def _enqueue_rates(self) -> tuple[float, float]:
-        """POST /process at 16 connections and the bare INSERT from one connection, medians; rows stay queued."""
-        p = self.plan
-        posts = statistics.median(figures.post_load(self.h, 16, p.load_seconds).rate for _ in range(p.runs))
-        inserts = statistics.median(figures.insert_load(self.h, 1, p.load_seconds).rate for _ in range(p.runs))
-        return posts, inserts
-
     def _backlog(self) -> None:
         """Figure 9: enqueue, dispatch and throughput with a growing backlog of pending tasks, never analysed."""
         p = self.plan
         self.h.reset()
-        self.say("figure 9: enqueue with no backlog")
-        post0, insert0 = self._enqueue_rates()
-        self.h.remove_figure_tasks()
         seeded = 0
         try:
             for size in p.backlog_sizes:
@@ -414,14 +424,10 @@ class Bench:
                 seconds = self.h.seed_backlog(size - seeded)
                 seeded = size
                 self.say(f"queued in {seconds:.1f}s; measuring enqueue")
-                post, insert = self._enqueue_rates()
-                self.h.remove_figure_tasks()
+                posts, inserts = self._enqueue_beside_empty()
                 label = f"9 with {size:,} pending:"
-                self.rows.append(Row(f"{label} POST /process, 16 connections", f"{post:,.0f} req/s",
-                                     f"no backlog {post0:,.0f} req/s", "≥ 0.8× no backlog", _verdict(post >= 0.8 * post0)))
-                self.rows.append(Row(f"{label} bare INSERT, 1 connection", f"{insert:,.0f}/s",
-                                     f"no backlog {insert0:,.0f}/s", "≥ 0.8× no backlog",
-                                     _verdict(insert >= 0.8 * insert0)))
+                self._rate_row(f"{label} POST /process, 16 connections", posts, "req/s")
+                self._rate_row(f"{label} bare INSERT, 1 connection", inserts, "rows/s")
             self.say(f"figure 9: dispatch and throughput with {seeded:,} pending")
             dispatch = self._dispatch_beside_empty()
             self.h.remove_figure_tasks()
@@ -431,7 +437,7 @@ class Bench:
             self.h.reset()
         label = f"9 with {seeded:,} pending:"
         self._latency_row(f"{label} figure 4", *dispatch)
-        self._throughput_row(f"{label} figure 5 (2 processes)", throughput)
+        self._rate_row(f"{label} figure 5 (2 processes)", throughput)
 
     def _drain_over_backlog(self) -> float:
         rate = figures.backlog_worker_rate(self.h, self.plan.worker_tasks)

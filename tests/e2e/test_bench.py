@@ -63,11 +63,12 @@ def test_bench_quick_prints_every_figure_with_a_verdict(tmp_path):
             assert line.rstrip().endswith(("| PASS |", "| MISS |")), line
     # Figures 8, 9 and 11 are measured in alternation with an empty twin service.
     against_empty = [line for line in table.splitlines() if "× empty |" in line]
-    assert len(against_empty) == 7, table
+    assert len(against_empty) == 11, table
     assert all("| empty, alternating " in line for line in against_empty), against_empty
     [sustained] = [line for line in table.splitlines() if "| 10 sustained" in line]
     assert "| API at the workers' priority: accepted " in sustained, sustained
     assert "threads each, nice 10 |" in table
+    assert re.search(r"\| postgresql \| .*fsync on, synchronous_commit on, autovacuum (on|off)\) \|", table)
     assert "| host cores |" in table and "| load average at start |" in table and "| procrastinate |" in table
     # A loose bound on figure 12 (the target is 2x, measured by the bench): a
     # thread-per-waiter server would stall POSTs for seconds, not milliseconds.
