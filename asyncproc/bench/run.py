@@ -80,9 +80,9 @@ def _median_pairs(measure: Callable[[], list[list[float]]], runs: int) -> list[t
 
 
 def _rates_beside(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """(here, empty) rates of alternating runs: both medians, and the median of the per-pair ratios."""
-    return (statistics.median(here for here, _ in pairs), statistics.median(empty for _, empty in pairs),
-            statistics.median(here / empty for here, empty in pairs))
+    """(measured, reference) rates of alternating runs: both medians, and the median of the per-pair ratios."""
+    return (statistics.median(here for here, _ in pairs), statistics.median(ref for _, ref in pairs),
+            statistics.median(here / ref for here, ref in pairs))
 
 
 def _verdict(ok: bool) -> str:
@@ -268,16 +268,14 @@ class Bench:
         """
         ours_workers = self.h.start_workers(count)
         plain_workers = self.h.start_workers(count, plain=True)
-        ours, plain = [], []
+        pairs = []
         try:
             for _ in range(self.plan.runs):
-                ours.append(self._drain_once())
-                plain.append(figures.plain_worker_rate(self.h, self.plan.worker_tasks))
+                pairs.append((self._drain_once(), figures.plain_worker_rate(self.h, self.plan.worker_tasks)))
                 self.h.reset()
         finally:
             self.h.stop(ours_workers + plain_workers)
-        ratio = statistics.median(o / p for o, p in zip(ours, plain))
-        return statistics.median(ours), statistics.median(plain), ratio
+        return _rates_beside(pairs)
 
     def _drain_once(self, operation: str = "bench.noop") -> float:
         rate = figures.worker_rate(self.h, self.plan.worker_tasks, operation)
