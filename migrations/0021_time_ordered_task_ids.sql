@@ -3,9 +3,9 @@
 -- queueing lock and each of its status changes landed on a random page of
 -- indexes that grow with the table: with a million tasks queued, the worker
 -- wrote 13.9 kB of WAL per task (whole pages, first touched since the last
--- checkpoint) where it wrote 5.6 kB on an empty table, and read 7 pages from
--- disk. Time-ordered ids keep that work on the few pages at the right edge of
--- each index: 5.5 kB per task at a million queued. 74 random bits keep an id
+-- checkpoint) where it wrote 5.6 kB on an empty table. Time-ordered ids
+-- keep that work on the few pages at the right edge of each index: 5.5 kB per
+-- task at a million queued. 74 random bits keep an id
 -- as hard to guess as a session token. The API makes its ids the same way
 -- (asyncproc/ledger.py: new_task_id); this default serves psql and the
 -- single-task insert.
