@@ -292,6 +292,25 @@ def test_a_job_whose_task_is_gone_or_final_is_dropped(clean_db, worker_conn):
     assert [job["task_id"] for job in todo_jobs(clean_db)] == [str(kept)]
 
 
+def test_the_sweep_leaves_the_jobs_of_another_procrastinate_app_alone(clean_db):
+    # Another app's tasks in the same database: one without arguments, one whose
+    # arguments happen to name a task_id that is no task of ours.
+    clean_db.execute(
+        """
+        SELECT procrastinate_defer_jobs_v1(ARRAY[
+            ROW('reports', 'reports.build', 5, NULL, NULL, '{}'::jsonb, NULL)::procrastinate_job_to_defer_v1,
+            ROW('reports', 'reports.build', 5, NULL, NULL,
+                jsonb_build_object('task_id', gen_random_uuid()), NULL)::procrastinate_job_to_defer_v1])
+        """
+    )
+    ours = insert_task(clean_db)
+    assert sweep(clean_db)["dropped"] == 0
+    assert clean_db.execute(
+        "SELECT count(*) AS n FROM procrastinate_jobs WHERE task_name = 'reports.build' AND status = 'todo'"
+    ).fetchone()["n"] == 2
+    assert [job["task_id"] for job in todo_jobs(clean_db) if job["task_id"] == str(ours)] == [str(ours)]
+
+
 def test_an_operator_cannot_edit_the_attempts_of_a_running_task(clean_db, database_url):
     task_id = insert_task(clean_db)
     with connect(database_url) as fetcher:
