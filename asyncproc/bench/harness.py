@@ -302,4 +302,10 @@ class Harness:
         self.conn.execute("DELETE FROM tasks WHERE request_id IS DISTINCT FROM %s", (BACKLOG_REQUEST_ID,))
         self.conn.execute("DELETE FROM procrastinate_jobs WHERE priority <> -1 OR status <> 'todo'")
         self.conn.execute("TRUNCATE procrastinate_events")
+        # The twin empties its tables with TRUNCATE; these deletions leave dead
+        # rows instead (figure 9's enqueue rows leave 70,000), whose index
+        # entries sit at the head of the queue, where every fetch starts: 0.2 ms
+        # per dispatch until a vacuum. VACUUM without ANALYZE: the backlog's
+        # statistics stay never taken.
+        self.conn.execute("VACUUM tasks, procrastinate_jobs")
         self.conn.execute("CHECKPOINT")
