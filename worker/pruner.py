@@ -18,13 +18,10 @@ from asyncproc.config import Settings
 
 log = logging.getLogger(__name__)
 
-# Readers of the counts add up the changes logged since the last compaction,
-# so this bounds their work: at 1,000 status changes a second, 5,000 rows (~10 ms).
-COMPACT_SECONDS = 5.0
 
 
 def upkeep_period(settings: Settings) -> float:
-    return min(COMPACT_SECONDS, settings.prune_interval_seconds)
+    return min(retention.COMPACT_SECONDS, settings.prune_interval_seconds)
 
 
 class LedgerUpkeep:

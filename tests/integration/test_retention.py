@@ -14,7 +14,8 @@ from psycopg.conninfo import make_conninfo
 from asyncproc import cli, db, retention
 from asyncproc.config import PROJECT_ROOT, Settings
 from asyncproc.loops import LoopHealth, run_periodically
-from worker.pruner import COMPACT_SECONDS, LedgerUpkeep, upkeep_period
+from asyncproc.retention import COMPACT_SECONDS
+from worker.pruner import LedgerUpkeep, upkeep_period
 
 DOCS = (PROJECT_ROOT / "docs" / "retention.md").read_text()
 KEEP = {"keep_completed": timedelta(days=7), "keep_failed": timedelta(days=30), "keep_cancelled": timedelta(days=7)}
@@ -158,12 +159,47 @@ def test_the_workers_pruner_loop_prunes_and_stops_when_asked(clean_db, database_
     asyncio.run(run())
 
 
+def test_a_long_prune_pass_keeps_folding_new_changes(clean_db, database_url):
+    # A batch of one row at a time: the pass lasts about a minute unless stopped.
+    seed(clean_db, "prune.long", "cancelled", "8 days", 2000)
+    settings = Settings(database_url=database_url, prune_batch_size=1)
+
+    async def run() -> None:
+        pool = db.async_pool(settings, "asyncproc-worker", 2)
+        await pool.open(wait=True)
+        stopping = asyncio.Event()
+        pruning = asyncio.create_task(retention.prune_pass(settings, pool, stopping))
+        try:
+            async with asyncio.timeout(30):
+                while statuses(clean_db, "prune.long") == {"cancelled": 2000}:
+                    await asyncio.sleep(0.05)
+            _insert_one(clean_db)
+            # Every reader of the counts adds up what is not folded yet; a pass
+            # over millions of rows lasts minutes, so it must fold as it goes.
+            async with asyncio.timeout(COMPACT_SECONDS * 3):
+                while unfolded(clean_db, "prune.loop"):
+                    await asyncio.sleep(0.1)
+            assert not pruning.done()
+            stopping.set()
+            async with asyncio.timeout(10):
+                report = await pruning
+            assert 0 < report.pruned < 2000
+        finally:
+            pruning.cancel()
+            await pool.close()
+
+    asyncio.run(run())
+
+
 def _insert_one(conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO tasks (operation) VALUES ('prune.loop')")
 
 
-def unfolded(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) AS n FROM asyncproc_ledger_events").fetchone()["n"]
+def unfolded(conn: psycopg.Connection, operation: str | None = None) -> int:
+    return conn.execute(
+        "SELECT count(*) AS n FROM asyncproc_ledger_events WHERE %(operation)s::text IS NULL OR operation = %(operation)s",
+        {"operation": operation},
+    ).fetchone()["n"]
 
 
 def test_the_operator_role_reads_the_history_and_sets_overrides(clean_db, database_url):
