@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class Resources:
     settings: Settings
     pool: psycopg_pool.ConnectionPool
+    commits: psycopg_pool.ConnectionPool
     inserts: GroupCommit
     cache: ResultCache
     events: TaskEvents
@@ -32,6 +33,7 @@ class Resources:
     def close(self) -> None:
         self.waiters.close()
         self.events.close()
+        self.commits.close()
         self.pool.close()
 
 
@@ -53,11 +55,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     # One connection per request thread; the waiters' few reads borrow from the same
     # pool, so that waiting adds nothing to docs/deployment.md's connection budget.
     pool = open_pool(settings, "asyncproc-api", settings.api_threads)
+    # The group commit writes one statement at a time, through a connection of
+    # its own: a pool hands its idle connections out in turn, so once a burst
+    # had opened all of them, each write went through the one idle longest,
+    # 0.2-0.3 ms more per POST (docs/performance.md, figure 8).
+    commits = open_pool(settings, "asyncproc-api", 1)
     events = TaskEvents(settings, cache).start()
     app.extensions["asyncproc"] = Resources(
         settings=settings,
         pool=pool,
-        inserts=GroupCommit(pool),
+        commits=commits,
+        inserts=GroupCommit(commits),
         cache=cache,
         events=events,
         waiters=Waiters(

@@ -9,11 +9,16 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
+import psycopg
 import pytest
+import requests
 
+from asyncproc.config import Settings
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
 
@@ -105,6 +110,50 @@ def test_a_burst_of_keep_alive_clients_is_shared_between_the_api_processes(api):
             client.close()
     # Accepting as many as were waiting, the first process awake took all 16 nearly every time.
     assert statistics.mean(fewer) >= 2, fewer
+
+
+def _api_connections(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'asyncproc-api%%'"
+        ).fetchone()[0]
+
+
+def test_the_api_opens_no_more_database_connections_than_the_deployment_guide_budgets(api, database_url):
+    """docs/deployment.md: ASYNCPROC_API_WORKERS x (ASYNCPROC_API_THREADS + 2) per instance."""
+    service, _ = api
+    budget = 2 * (Settings().api_threads + 2)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                posted = session.post(f"{service.base_url}/process", json={"data": {"input": 1, "operation": "compute"}},
+                                      timeout=10)
+                if posted.status_code != 202:
+                    errors.append(posted.text)
+                    return
+                session.get(f"{service.base_url}/results/{posted.json()['task_id']}?wait=0.2", timeout=10)
+                session.get(f"{service.base_url}/health", timeout=10)
+
+    clients = [threading.Thread(target=client) for _ in range(48)]
+    for thread in clients:
+        thread.start()
+    try:
+        most = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            most = max(most, _api_connections(database_url))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+    assert not errors, errors[:3]
+    # The load reached the pools: more than one connection per process, and never past the budget.
+    assert 2 < most <= budget, (most, budget)
 
 
 def test_the_listen_queue_keeps_its_configured_length(api):
