@@ -43,7 +43,7 @@ class Plan:
     @classmethod
     def full(cls) -> "Plan":
         return cls(runs=3, post_samples=500, load_seconds=5, batch_requests=10, batch_size=1000,
-                   dispatch_samples=200, worker_tasks=3000, result_samples=50, get_samples=1000,
+                   dispatch_samples=500, worker_tasks=3000, result_samples=50, get_samples=1000,
                    seed_rows=1_000_000, ledger_rows=10_000_000, prune_seconds=20,
                    backlog_sizes=(100_000, 1_000_000), sustained_seconds=60)
 
