@@ -19,7 +19,6 @@ from asyncproc.config import Settings
 log = logging.getLogger(__name__)
 
 
-
 def upkeep_period(settings: Settings) -> float:
     return min(retention.COMPACT_SECONDS, settings.prune_interval_seconds)
 

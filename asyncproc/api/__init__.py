@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The group commit writes one statement at a time, through a connection of
     # its own: a pool hands its idle connections out in turn, so once a burst
     # had opened all of them, each write went through the one idle longest,
-    # 0.2-0.3 ms more per POST (docs/performance.md, figure 8).
+    # 0.2-0.3 ms more per POST (docs/performance.md, "Group commit").
     commits = open_pool(settings, "asyncproc-api", 1)
     events = TaskEvents(settings, cache).start()
     app.extensions["asyncproc"] = Resources(
