@@ -207,7 +207,7 @@ def test_up_as_the_readme_says(tmp_path):
 
         # One Ctrl-C: the running task finishes, then everything stops.
         running = _submit(port, {"operation": "sleep", "data": {"seconds": 2}})
-        wait_for(lambda: _task(port, running)["status"] == "running", 10, "the sleep task to start")
+        wait_for(lambda: f"task {running} started:" in log.read_text(), 10, "the sleep task's handler to start")
         _ctrl_c(up)
         assert up.wait(60) == 0, log.read_text()[-3000:]
     finally:
@@ -238,7 +238,8 @@ def test_a_second_ctrl_c_stops_at_once_and_requeues_the_task(tmp_path):
         wait_for(lambda: _ready(log, port) or up.poll() is not None, 90, f"asyncproc up ({log})", interval=0.2)
         assert _ready(log, port), log.read_text()
         task_id = _submit(port, {"operation": "sleep", "data": {"seconds": 600}})
-        wait_for(lambda: _task(port, task_id)["status"] == "running", 10, "the sleep task to start")
+        # Its handler, not only its claim: a stop between the two returns the task unstarted.
+        wait_for(lambda: f"task {task_id} started:" in log.read_text(), 10, "the sleep task's handler to start")
         _ctrl_c(up)
         wait_for(lambda: "a second Ctrl-C stops at once" in log.read_text().split("is up:")[1], 10, "the first Ctrl-C")
         _ctrl_c(up)
