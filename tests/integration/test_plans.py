@@ -239,7 +239,7 @@ def test_a_workers_fetch_plans_its_statements_once_not_on_every_call(explained):
     for _ in range(8):
         assert _fetch(conn, worker_id)["args"]["claimed"] is not None
         heads = [plan for plan in plans() if "ORDER BY priority DESC, id ASC" in plan]
-        assert heads and all("$1 IS NULL" in plan for plan in heads), "a fetch planned for the call:\n" + heads[0]
+        assert heads and all("$1 IS NULL" in plan for plan in heads), "a fetch planned for the call:\n" + "\n".join(heads)
 
 
 def test_the_sweep_uses_indexes_once_the_tables_are_analysed(empty_database):
