@@ -127,7 +127,9 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        return cls._read(_Reader(env))
+        settings = cls._read(_Reader(env))
+        _check_fencing(settings)
+        return settings
 
     @classmethod
     def _read(cls, reader: "_Reader") -> "Settings":
@@ -272,6 +274,25 @@ class Settings:
             ),
         )
 
+
+
+def _check_fencing(settings: Settings) -> None:
+    """Refuse lease settings under which a worker could still run a task that another worker has taken.
+
+    A worker renews its lease every HEARTBEAT seconds and stops its handlers
+    STALLED - HEARTBEAT seconds after its last renewal began; the sweep takes
+    its tasks STALLED seconds after it. The fence must allow one missed
+    renewal (STALLED - HEARTBEAT > HEARTBEAT) and leave a second at least for
+    the kill (worker/lease.py).
+    """
+    stalled, heartbeat = settings.stalled_seconds, settings.heartbeat_seconds
+    if stalled < 2 * heartbeat + 1:
+        raise ConfigError(
+            f"ASYNCPROC_STALLED_SECONDS={stalled:g} and ASYNCPROC_HEARTBEAT_SECONDS={heartbeat:g} are unsound:"
+            f" a worker fences itself STALLED - HEARTBEAT seconds after its last lease renewal, which must leave"
+            f" a missed renewal and a second before another worker may take its tasks;"
+            f" need ASYNCPROC_STALLED_SECONDS >= 2 x ASYNCPROC_HEARTBEAT_SECONDS + 1 ({2 * heartbeat + 1:g})"
+        )
 
 
 def parse_integer(value: str, low: int, high: int) -> int:

@@ -300,3 +300,27 @@ def tasks_count_active_of_owner(conn: psycopg.Connection, owner: int) -> int:
 
 def tasks_get_many(conn: psycopg.Connection, task_ids: list[UUID]) -> list[Task]:
     return [Task(**row) for row in conn.execute(query("tasks_get_many"), {"task_ids": task_ids})]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One run of a task, as the attempts ledger keeps it (migrations/0024)."""
+
+    attempt: int
+    worker_id: int | None
+    host: str | None
+    pid: int | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    error: str | None
+
+
+def task_attempts(conn: psycopg.Connection, task_id: UUID) -> list[Attempt]:
+    return [Attempt(**row) for row in conn.execute(query("task_attempts"), {"task_id": task_id})]
+
+
+async def jobs_abandon(conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+    """Mark the jobs of thread handlers that outlive their worker: the sweep releases them once its lease lapses."""
+    cursor = await conn.execute(query("jobs_abandon"), {"job_ids": job_ids})
+    return (await cursor.fetchone())["abandoned"]

@@ -1,10 +1,11 @@
 """The worker process: open the pool, run Procrastinate, survive the database going away.
 
-This worker restarts its Procrastinate worker after a short pause whenever it
-stops on an error, breaks its connections when the database stops answering
-on them (a half-open connection), and sweeps: a task whose worker died is
-re-queued or, with no attempt left, failed, and the tasks and jobs tables are
-reconciled. It also keeps the ledger's counts, history and retention
+The worker holds a lease (worker/lease.py) from before its first fetch until
+after its last run has ended, and fences itself when it cannot renew it. It
+restarts its Procrastinate worker after a short pause whenever it stops on an
+error, breaks its connections when the database stops answering on them (a
+half-open connection), and sweeps: a task whose worker died is re-queued or,
+with no attempt left, failed, and the tasks and jobs tables are reconciled. It also keeps the ledger's counts, history and retention
 (worker/pruner.py). The sweep, the watchdog and the ledger upkeep are
 supervised loops (asyncproc.loops):
 any error is logged and the loop goes on, and the metrics say when one keeps
@@ -20,13 +21,17 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
+import psycopg_pool
+
 from asyncproc import db, ledger
 from asyncproc.cache import AsyncResultCache
 from asyncproc.config import Settings
 from asyncproc.loops import LoopHealth, run_periodically, wait_or_stop
 from asyncproc.operations import load_user_module, registry
-from worker.app import QUEUE, build_app
+from worker.app import ABORT_POLL_SECONDS, QUEUE, build_app
 from worker.callbacks import deliver_callbacks
+from worker.lease import Lease, LeaseLost
 from worker.metrics import WorkerMetrics
 from worker.pool import ProcessPool
 from worker.pruner import LedgerUpkeep, upkeep_period
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 1.0
 # A Procrastinate worker that ran this long before it stopped was not failing in a row.
 HEALTHY_RUN_SECONDS = 60.0
+# The exit code of a worker that ended itself because its lease lapsed while
+# thread or async handlers ran (EX_TEMPFAIL: a supervisor starts it again).
+FENCED_EXIT = 75
 
 
 def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
@@ -52,8 +60,9 @@ def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
     abandoned = asyncio.run(_serve(settings, concurrency, executor, metrics))
     if abandoned:
-        # Handler threads cannot be interrupted, and their tasks were re-queued.
-        log.warning("exiting with %s handler thread(s) still running", abandoned)
+        # Handler threads cannot be interrupted: only the process's end stops
+        # them, and their tasks are released once its lease has lapsed.
+        log.warning("exiting with %s handler thread(s) still running; their tasks are released once this worker's lease lapses", abandoned)
         logging.shutdown()
         os._exit(0)
     executor.shutdown(wait=True)
@@ -61,16 +70,42 @@ def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -
 
 
 async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecutor, metrics: WorkerMetrics) -> int:
-    """Serve until asked to stop; returns how many handlers are still running."""
+    """Serve until asked to stop; returns how many handler threads are still running."""
+    processes = ProcessPool(settings.operations_module, concurrency)
+    runner: Runner | None = None
+
+    def fence(why: str) -> None:
+        # From the lease's thread: the event loop may be the thing that is stuck.
+        killed = processes.kill_all()
+        if runner is not None and runner.in_process:
+            log.critical(
+                "lease %s with %s thread or async handler(s) running, which only the process's end stops: exiting",
+                why,
+                runner.in_process,
+            )
+            logging.shutdown()
+            os._exit(FENCED_EXIT)
+        log.error("lease %s: killed %s running handler process(es)", why, killed)
+
+    lease = Lease(settings, fence)
+    lease.deadline_sinks.append(processes.set_lease_deadline)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lease.stop_acquiring)
+    try:
+        await asyncio.to_thread(lease.acquire)
+    except LeaseLost:
+        log.info("worker stopped before it started")
+        return 0
+    lease.start()
     pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
     await pool.open(wait=False)
     cache = AsyncResultCache(settings.redis_url, settings.result_ttl_seconds)
-    processes = ProcessPool(settings.operations_module, concurrency)
     await processes.open()
-    runner = Runner(settings, pool, cache, registry, executor, processes, metrics)
+    runner = Runner(settings, pool, cache, registry, executor, processes, lease, metrics)
     app = build_app(runner, concurrency)
 
-    stopping = asyncio.Event()
     worker_task: asyncio.Task | None = None
 
     def request_stop(signum: int) -> None:
@@ -84,10 +119,10 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
             settings.shutdown_grace_seconds,
         )
         stopping.set()
+        runner.shutting_down = True
         if worker_task is not None:
             worker_task.cancel()
 
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
 
@@ -107,6 +142,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     dispatch = LoopHealth("procrastinate worker")
     metrics.watch_loop(dispatch)
     log.info("worker started: concurrency %s, queue %s", concurrency, QUEUE)
+    abandoned = 0
     try:
         while not stopping.is_set():
             worker_task = asyncio.create_task(_run_procrastinate(app, pool, settings, concurrency))
@@ -123,6 +159,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
             if not stopping.is_set():
                 log.info("procrastinate worker stopped; restarting it in %ss", RESTART_DELAY_SECONDS)
                 await wait_or_stop(stopping, RESTART_DELAY_SECONDS)
+        abandoned = await _abandon(runner, pool, lease)
     finally:
         for loop_task in supervised:
             loop_task.cancel()
@@ -130,8 +167,34 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         await processes.close()
         await pool.close(timeout=5)
         await cache.close()
+    # Every handler process is dead now: the lease can go, or lapse for the threads.
+    if abandoned:
+        await asyncio.to_thread(lease.lapse_soon)
+    else:
+        await asyncio.to_thread(lease.release)
     log.info("worker stopped")
     return runner.in_flight
+
+
+async def _abandon(runner: Runner, pool: db.SeverableAsyncPool, lease: Lease) -> int:
+    """Mark the jobs of thread handlers that outlive this worker, for the sweep to release after it; how many."""
+    job_ids = sorted(runner.abandoned_jobs)
+    if not job_ids:
+        return 0
+    delay = 0.1
+    while lease.worker_id is not None:
+        try:
+            async with pool.connection() as conn:
+                await ledger.jobs_abandon(conn, job_ids)
+            break
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            # Unmarked, the runs count as lost when the lease lapses: the rule for a crash.
+            if not lease.valid():
+                log.warning("could not mark %s abandoned job(s) (%s): they count as lost", len(job_ids), db.describe_error(exc))
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    return len(job_ids)
 
 
 async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Settings, concurrency: int) -> None:
@@ -143,6 +206,7 @@ async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Setting
             delete_jobs="successful",
             listen_notify=True,
             fetch_job_polling_interval=settings.worker_poll_seconds,
+            abort_job_polling_interval=ABORT_POLL_SECONDS,
             shutdown_graceful_timeout=settings.shutdown_grace_seconds,
             update_heartbeat_interval=settings.heartbeat_seconds,
             stalled_worker_timeout=settings.stalled_seconds,

@@ -15,7 +15,10 @@ for the cooperative stop that ctx.should_stop() reads.
 A child never outlives its worker: it asks the kernel for SIGKILL when its
 parent, the fork server, exits, and the fork server exits with the worker. A
 stop kills and reaps the child before run() returns, so the outcome the runner
-writes next (a retry included) never overlaps a still-running attempt.
+writes next (a retry included) never overlaps a still-running attempt. Nor
+does a child outlive its worker's lease (worker/lease.py): it reads the
+lease's deadline from shared memory and ends itself once it has passed, even
+when the worker itself is frozen and cannot kill it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ from asyncproc.operations import PermanentError, TaskContext, load_user_module, 
 STOP_GRACE_SECONDS = 0.5
 _HEADER = struct.Struct("!Q")
 _PR_SET_PDEATHSIG = 1
+# A child that ends itself because its worker's lease lapsed exits with this.
+LEASE_LAPSED_EXIT = 86
+# How often a child looks at the lease's deadline, at the most.
+_LEASE_CHECK_SECONDS = 0.1
 
 
 class AttemptStopped(Exception):
@@ -134,8 +141,18 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _child_main(sock: socket.socket, stop_event: Any, operations_module: str | None) -> None:
+def _watch_lease(deadline: Any) -> None:
+    """End this process once the worker's lease has lapsed (a monotonic deadline, shared with the worker)."""
+    while True:
+        remaining = deadline.value - time.monotonic()
+        if remaining <= 0:
+            os._exit(LEASE_LAPSED_EXIT)
+        time.sleep(min(remaining, _LEASE_CHECK_SECONDS))
+
+
+def _child_main(sock: socket.socket, stop_event: Any, lease_deadline: Any, operations_module: str | None) -> None:
     _die_with_parent()
+    threading.Thread(target=_watch_lease, args=(lease_deadline,), name="lease-watch", daemon=True).start()
     # The worker decides when its handlers stop: a Ctrl-C or a SIGTERM sent to
     # the whole process group must not cut them short before the grace period.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -316,6 +333,9 @@ class ProcessPool:
         self._context.set_forkserver_preload(_preload(operations_module))
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
+        # The worker's lease deadline (time.monotonic(), which every process
+        # on the machine shares), read by each child.
+        self._lease_deadline = self._context.Value("d", math.inf, lock=False)
         # Process.start() blocks (it talks to the fork server); one thread keeps
         # it off the event loop and serialises multiprocessing's bookkeeping.
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler-process-starter")
@@ -323,6 +343,16 @@ class ProcessPool:
     @property
     def running(self) -> int:
         return len(self._busy)
+
+    def set_lease_deadline(self, deadline: float) -> None:
+        self._lease_deadline.value = deadline
+
+    def kill_all(self) -> int:
+        """SIGKILL every child now, from any thread (the lease's fence); how many were busy."""
+        busy = list(self._busy)
+        for child in busy + list(self._idle):
+            child.kill()
+        return len(busy)
 
     async def open(self) -> None:
         """Start the fork server now, so that the first task does not wait for it."""
@@ -428,7 +458,7 @@ class ProcessPool:
         stop_event = self._context.Event()
         process = self._context.Process(
             target=_child_main,
-            args=(theirs, stop_event, self._operations_module),
+            args=(theirs, stop_event, self._lease_deadline, self._operations_module),
             name="asyncproc-handler",
         )
         starting = asyncio.get_running_loop().run_in_executor(self._starter, process.start)
@@ -487,6 +517,8 @@ def _preload(operations_module: str | None) -> list[str]:
 
 
 def _exit_reason(code: int | None) -> str:
+    if code == LEASE_LAPSED_EXIT:
+        return "stopped itself: its worker's lease lapsed (the database did not answer in time)"
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name

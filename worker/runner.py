@@ -24,14 +24,13 @@ from asyncproc.logs import request_id_var
 from asyncproc.operations import Operation, PermanentError, Registry, TaskContext
 from asyncproc.service import encode_document
 from worker.completer import Completer
+from worker.lease import Lease, LeaseLost
 from worker.metrics import WorkerMetrics
 from worker.pool import AttemptStopped, Call, HandlerError, ProcessPool
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
-# Past this, an outcome that cannot be written is left to the stalled-task sweep.
-DB_OUTAGE_PATIENCE_SECONDS = 120.0
 # The longest pause between two looks for a worker that knows a task's operation.
 UNKNOWN_OPERATION_MAX_DELAY_SECONDS = 60.0
 
@@ -45,6 +44,7 @@ class Runner:
         registry: Registry,
         executor: Executor,
         processes: ProcessPool,
+        lease: Lease,
         metrics: WorkerMetrics | None = None,
     ):
         self.settings = settings
@@ -53,12 +53,22 @@ class Runner:
         self.registry = registry
         self.executor = executor
         self.processes = processes
+        self.lease = lease
         self.metrics = metrics or WorkerMetrics()
-        # Handler threads still running. A cancelled task does not stop its
-        # thread, so this is counted by the threads themselves.
+        # Handler threads still running, counted by the threads themselves: a
+        # thread abandoned at shutdown outlives its task.
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        self.metrics.running.set_function(lambda: self.in_flight + self.processes.running)
+        # Async handlers running on the loop now.
+        self._async_running = 0
+        self.metrics.running.set_function(lambda: self.in_flight + self._async_running + self.processes.running)
+        # Set when the worker is stopping: a thread handler cut short then is
+        # abandoned (its job kept, for the sweep to release once the process
+        # and its lease are gone) instead of waited for.
+        self.shutting_down = False
+        # Jobs of thread handlers abandoned at shutdown: the job manager leaves
+        # them unfinished (worker/app.py), and the worker marks them before it exits.
+        self.abandoned_jobs: set[int] = set()
         # The asyncio tasks running a task now, for interrupt().
         self._runs: set[asyncio.Task] = set()
         self.completer = Completer(self._write_completions)
@@ -66,8 +76,20 @@ class Runner:
         # job manager skips Procrastinate's finish for these (worker/app.py).
         self.finished_jobs: set[int] = set()
 
-    async def run(self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None) -> None:
-        """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql)."""
+    @property
+    def in_process(self) -> int:
+        """Handlers running inside this process (threads and async), which only its end can stop."""
+        return self.in_flight + self._async_running
+
+    async def run(
+        self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None, worker_id: int | None = None
+    ) -> None:
+        """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql).
+
+        `worker_id` is the lease the job was fetched under: the handler starts
+        only while that lease is valid, and its outcome is written only while
+        it is not lost (worker/lease.py).
+        """
         if claimed is None:
             log.info("task %s was not claimable (not pending, not due, or held by another transaction)", raw_task_id)
             return
@@ -76,24 +98,27 @@ class Runner:
         except ledger.UndecodablePayload as exc:
             token = request_id_var.set(exc.task.request_id or str(exc.task.task_id))
             try:
-                await self._fail(exc.task, str(exc), retry=False)
+                await self._fail(exc.task, str(exc), retry=False, worker_id=worker_id)
             finally:
                 request_id_var.reset(token)
             return
         token = request_id_var.set(task.request_id or str(task.task_id))
         try:
-            await self._run_claimed(task, job_id)
+            await self._run_claimed(task, job_id, worker_id)
+        except LeaseLost as exc:
+            log.warning("task %s: %s; the run is the sweep's to recover", task.task_id, exc)
         finally:
             request_id_var.reset(token)
 
-    async def _run_claimed(self, task: Task, job_id: int | None) -> None:
+    async def _run_claimed(self, task: Task, job_id: int | None, worker_id: int | None) -> None:
         await self.cache.invalidate(task.task_id, version_of(task.updated_at))
         operation = self.registry.find(task.operation)
         if operation is None:
-            await self._wait_for_operation(task)
+            await self._wait_for_operation(task, worker_id)
             return
         if task.attempts > 1:
             await self._wait_for_earlier_attempt(task)
+        await self.lease.wait_valid(worker_id)
         log.info("task %s started: %s, attempt %s of %s", task.task_id, task.operation, task.attempts, task.max_attempts)
         ctx = TaskContext(
             task_id=task.task_id,
@@ -105,15 +130,21 @@ class Runner:
         )
         self.metrics.started(task.operation, task.scheduled_at, task.started_at)
         try:
-            result = await self._execute_timed(task, operation, ctx)
+            result = await self._execute_timed(task, operation, ctx, job_id)
         except asyncio.CancelledError:
             # A shutdown past its grace period, or a cancellation of the task.
-            # A cancelled task is no longer running, so this release is a no-op;
-            # a task cut short by shutdown gets its attempt back.
+            # The handler is dead by now, unless it is a thread abandoned at
+            # shutdown, whose task the sweep releases once this process is gone.
             ctx.stop_event.set()
             self.metrics.finished(task.operation, "interrupted")
+            if job_id in self.abandoned_jobs:
+                log.warning("task %s: its handler thread cannot be stopped; released once this worker exits", task.task_id)
+                raise
+            # A cancelled task is no longer running, so this release is a no-op;
+            # a task cut short by shutdown gets its attempt back.
             released = await self._write(
-                ledger.task_release, task.task_id, task.attempts, "interrupted by worker shutdown; attempt not counted"
+                ledger.task_release, task.task_id, task.attempts, "interrupted by worker shutdown; attempt not counted",
+                worker_id=worker_id,
             )
             if released is not None:
                 log.warning("task %s interrupted by shutdown; re-queued with its attempt back", task.task_id)
@@ -122,25 +153,25 @@ class Runner:
             raise
         except AttemptStopped as exc:
             self.metrics.handler_stopped(task.operation, exc.kind)
-            await self._fail(task, str(exc), retry=True)
+            await self._fail(task, str(exc), retry=True, worker_id=worker_id)
         except PermanentError as exc:
-            await self._fail(task, _describe(exc), retry=False)
+            await self._fail(task, _describe(exc), retry=False, worker_id=worker_id)
         except Exception as exc:
-            await self._fail(task, _describe(exc), retry=True)
+            await self._fail(task, _describe(exc), retry=True, worker_id=worker_id)
         else:
-            await self._complete(task, result, job_id)
+            await self._complete(task, result, job_id, worker_id)
 
-    async def _execute_timed(self, task: Task, operation: Operation, ctx: TaskContext) -> Any:
+    async def _execute_timed(self, task: Task, operation: Operation, ctx: TaskContext, job_id: int | None) -> Any:
         started = time.monotonic()
         try:
-            result = await self._execute(task, operation, ctx)
+            result = await self._execute(task, operation, ctx, job_id)
         except BaseException:
             self.metrics.ran(task.operation, time.monotonic() - started, ok=False)
             raise
         self.metrics.ran(task.operation, time.monotonic() - started, ok=True)
         return result
 
-    async def _execute(self, task: Task, operation: Operation, ctx: TaskContext) -> Any:
+    async def _execute(self, task: Task, operation: Operation, ctx: TaskContext, job_id: int | None) -> Any:
         # Rows inserted with psql never passed the API's check.
         handler = self.registry.check(task.operation, task.payload)
         timeout = self.time_limit(task, operation)
@@ -152,8 +183,9 @@ class Runner:
             )
             return await self.processes.run(call, timeout, ctx.report_progress)
         if operation.isolation == "thread":
-            return await self._in_thread(handler, task.payload, ctx, timeout)
+            return await self._in_thread(handler, task.payload, ctx, timeout, job_id)
         limit = asyncio.timeout(timeout)
+        self._async_running += 1
         try:
             async with limit:
                 return await handler(task.payload, ctx)
@@ -161,6 +193,8 @@ class Runner:
             if not limit.expired():
                 raise
             raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and was cancelled") from None
+        finally:
+            self._async_running -= 1
 
     def time_limit(self, task: Task, operation: Operation) -> float | None:
         """The task's own limit, else its operation's, else the worker's default; None for none."""
@@ -170,17 +204,38 @@ class Runner:
         return None
 
     async def _in_thread(
-        self, handler: Callable[..., Any], payload: dict[str, Any], ctx: TaskContext, timeout: float | None
+        self,
+        handler: Callable[..., Any],
+        payload: dict[str, Any],
+        ctx: TaskContext,
+        timeout: float | None,
+        job_id: int | None,
     ) -> Any:
         with self._count_lock:
             self.in_flight += 1
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(self.executor, self._call_counted, handler, payload, ctx)
-        done, _ = await asyncio.wait({running}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({running}, timeout=timeout)
+        except asyncio.CancelledError:
+            # A thread cannot be killed: ask it to stop. A cancelled task keeps
+            # its job running until the thread has returned, so that a retry
+            # never overlaps it; at shutdown the thread is abandoned instead,
+            # and its task released only after the process has exited.
+            ctx.stop_event.set()
+            while not running.done():
+                if self.shutting_down and job_id is not None:
+                    self.abandoned_jobs.add(job_id)
+                    raise
+                try:
+                    await asyncio.wait({running})
+                except asyncio.CancelledError:
+                    continue
+            raise
         if done:
             return running.result()
-        # A thread cannot be killed: ask it to stop, and end the attempt only
-        # once it has, so that a retry never overlaps it.
+        # Past its time limit: ask it to stop, and end the attempt only once
+        # it has, so that a retry never overlaps it.
         ctx.stop_event.set()
         await asyncio.wait({running})
         raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and stopped on request")
@@ -193,11 +248,11 @@ class Runner:
             with self._count_lock:
                 self.in_flight -= 1
 
-    async def _complete(self, task: Task, result: Any, job_id: int | None) -> None:
+    async def _complete(self, task: Task, result: Any, job_id: int | None, worker_id: int | None) -> None:
         try:
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
-            await self._fail(task, f"the handler's result cannot be stored as JSON: {exc}", retry=False)
+            await self._fail(task, f"the handler's result cannot be stored as JSON: {exc}", retry=False, worker_id=worker_id)
             return
         try:
             done = await self.completer.complete(task.task_id, task.attempts, result, job_id)
@@ -206,7 +261,7 @@ class Runner:
             try:
                 done = (await self._write_completions([(task.task_id, task.attempts, result, job_id)])).get(task.task_id)
             except psycopg.DataError as exc:
-                await self._fail(task, f"the handler's result cannot be stored: {exc}", retry=False)
+                await self._fail(task, f"the handler's result cannot be stored: {exc}", retry=False, worker_id=worker_id)
                 return
         if done is None:
             log.warning("task %s changed while it ran (cancelled or re-queued); result discarded", task.task_id)
@@ -215,15 +270,15 @@ class Runner:
         self.metrics.finished(task.operation, "completed")
         await self.cache.put(done.task_id, encode_document(done), done.updated_at)
 
-    async def _fail(self, task: Task, error: str, retry: bool) -> None:
+    async def _fail(self, task: Task, error: str, retry: bool, worker_id: int | None = None) -> None:
         if retry and task.attempts < task.max_attempts:
             delay = self.backoff(task.attempts)
-            recorded = await self._write(ledger.task_mark_retry, task.task_id, task.attempts, error, delay)
+            recorded = await self._write(ledger.task_mark_retry, task.task_id, task.attempts, error, delay, worker_id=worker_id)
             if recorded is not None:
                 log.warning("task %s attempt %s failed (%s); retrying in %.1fs", task.task_id, task.attempts, error, delay)
                 self.metrics.finished(task.operation, "retried")
             return
-        failed = await self._write(ledger.task_mark_failed, task.task_id, task.attempts, error)
+        failed = await self._write(ledger.task_mark_failed, task.task_id, task.attempts, error, worker_id=worker_id)
         if failed is None:
             log.warning("task %s changed while it ran; failure not recorded", task.task_id)
             return
@@ -231,12 +286,14 @@ class Runner:
         self.metrics.finished(task.operation, "failed")
         await self.cache.put(failed.task_id, encode_document(failed), failed.updated_at)
 
-    async def run_interruptible(self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None) -> None:
+    async def run_interruptible(
+        self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None, worker_id: int | None = None
+    ) -> None:
         """run(), cut short by interrupt()."""
         current = asyncio.current_task()
         self._runs.add(current)
         try:
-            await self.run(raw_task_id, claimed, job_id)
+            await self.run(raw_task_id, claimed, job_id, worker_id)
         finally:
             self._runs.discard(current)
 
@@ -249,26 +306,22 @@ class Runner:
     async def _wait_for_earlier_attempt(self, task: Task) -> None:
         """Start a retry only once every earlier attempt of its task has ended, on any worker.
 
-        A cancelled attempt is stopped within a second, but an operator may
-        retry the task sooner. Its job stays 'doing' until its handler is dead.
-        A job still 'doing' long after that belongs to a worker that lost
-        track of it (its finish was never recorded), and is waited out no longer.
+        A cancelled attempt is stopped within a second (a thread handler when
+        it returns), but an operator may retry the task sooner. Its job stays
+        'doing' until its handler is dead, or until its worker's lease lapses
+        (the worker fenced itself by then), so this waits for nothing else.
         """
-        deadline = time.monotonic() + max(60.0, 2 * self.settings.stalled_seconds)
         delay = 0.02
         while True:
             async with self.pool.connection() as conn:
                 if await ledger.task_count_running_jobs(conn, task.task_id) <= 1:
                     return
-            if time.monotonic() > deadline:
-                log.warning("task %s: an earlier attempt's job is still marked running; starting anyway", task.task_id)
-                return
             if delay == 0.02:
                 log.info("task %s: attempt %s waits for an earlier attempt to stop", task.task_id, task.attempts)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _wait_for_operation(self, task: Task) -> None:
+    async def _wait_for_operation(self, task: Task, worker_id: int | None) -> None:
         """Put back a task whose operation this worker does not know, for a worker that does.
 
         In a rolling deploy the API may know an operation before every worker
@@ -283,11 +336,11 @@ class Runner:
                 f"unknown operation {task.operation!r}: no worker that knows it took the task within {grace:g}s"
                 f" (this worker knows {', '.join(self.registry.names())})"
             )
-            await self._fail(task, error, retry=False)
+            await self._fail(task, error, retry=False, worker_id=worker_id)
             return
         delay = max(self.settings.retry_backoff_seconds, min(age / 2, UNKNOWN_OPERATION_MAX_DELAY_SECONDS, grace - age))
         error = f"waiting for a worker that knows operation {task.operation!r}"
-        waiting = await self._write(ledger.task_release, task.task_id, task.attempts, error, delay)
+        waiting = await self._write(ledger.task_release, task.task_id, task.attempts, error, delay, worker_id=worker_id)
         if waiting is not None:
             log.warning("task %s: operation %r unknown here; put back for %.1fs", task.task_id, task.operation, delay)
             self.metrics.finished(task.operation, "unknown_operation")
@@ -302,17 +355,21 @@ class Runner:
         self.finished_jobs.update(recorded.finished_jobs)
         return recorded.tasks
 
-    async def _write(self, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Record an outcome, waiting out a database outage: the run already happened."""
-        deadline = time.monotonic() + DB_OUTAGE_PATIENCE_SECONDS
+    async def _write(self, write: Callable[..., Awaitable[Any]], *args: Any, worker_id: int | None = None) -> Any:
+        """Record an outcome, waiting out a database outage: the run already happened.
+
+        It waits for as long as the run's lease is not lost: once the sweep
+        has pruned the worker, the task is re-queued and the outcome's attempt
+        fence would refuse it anyway.
+        """
         delay = 0.2
         while True:
             try:
                 async with self.pool.connection() as conn:
                     return await write(conn, *args)
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
+                if worker_id is not None and worker_id != self.lease.worker_id:
+                    raise LeaseLost(f"the lease of worker {worker_id} was lost; outcome not recorded") from exc
                 log.warning("database unavailable while recording %s (%s); retrying", write.__name__, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

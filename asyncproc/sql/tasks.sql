@@ -81,12 +81,21 @@ SELECT requeued, failed, redeferred, dropped
 FROM asyncproc_sweep(%(stalled_seconds)s)
 
 -- name: task_count_running_jobs
--- A task's dispatch jobs that claimed it and that a worker is still running:
+-- A task's dispatch jobs that claimed it and that a live worker still runs:
 -- more than one means an earlier attempt (cancelled, then retried) is still
--- being stopped. A job that claimed nothing runs nothing.
+-- being stopped. A job that claimed nothing runs nothing; one whose worker's
+-- lease lapsed (worker_id NULL) was fenced and is the sweep's.
 SELECT count(*) AS running
 FROM procrastinate_jobs
-WHERE args->>'task_id' = %(task_id)s::text AND status = 'doing' AND jsonb_typeof(args->'claimed') = 'object'
+WHERE args->>'task_id' = %(task_id)s::text AND status = 'doing' AND worker_id IS NOT NULL
+  AND jsonb_typeof(args->'claimed') = 'object'
+
+-- name: task_attempts
+-- The attempts ledger of one task, oldest run first (migrations/0024).
+SELECT attempt, worker_id, host, pid, started_at, finished_at, outcome, error
+FROM asyncproc_attempts
+WHERE task_id = %(task_id)s
+ORDER BY id
 
 -- name: task_retry
 SELECT task_id, operation, payload, status, result, error_message, attempts, max_attempts,

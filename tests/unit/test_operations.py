@@ -104,7 +104,7 @@ def test_a_name_cannot_be_taken_twice():
 
 
 def test_backoff_doubles_from_the_base_and_is_capped():
-    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None, None)
+    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None, None, None)
     for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
         assert 0.8 * base <= runner.backoff(attempt) <= 1.2 * base
 
@@ -196,6 +196,6 @@ def _task(timeout_seconds):
 def test_a_tasks_time_limit_comes_from_the_task_then_its_operation_then_the_default(
     task_limit, operation_limit, default, expected
 ):
-    runner = Runner(Settings(handler_timeout_seconds=default), None, None, registry, None, None)
+    runner = Runner(Settings(handler_timeout_seconds=default), None, None, registry, None, None, None)
     operation = Operation("x", lambda payload, ctx: None, timeout_seconds=operation_limit)
     assert runner.time_limit(_task(task_limit), operation) == expected
