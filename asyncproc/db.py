@@ -152,19 +152,21 @@ class SeverableAsyncPool(psycopg_pool.AsyncConnectionPool):
 
     def sever(self) -> int:
         """Shut down every open connection's socket; returns how many."""
-        severed = 0
-        for conn in list(self._made):
-            if conn.closed:
-                continue
-            try:
-                # shutdown() acts on the socket itself, so a dup of the descriptor
-                # reaches the one libpq owns without closing it under libpq's feet.
-                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, psycopg.OperationalError):
-                continue
-            severed += 1
-        return severed
+        return sum(sever_connection(conn) for conn in list(self._made))
+
+
+def sever_connection(conn: psycopg.BaseConnection[Any]) -> bool:
+    """Shut down the connection's socket, failing any query waiting on it at once; whether it was open."""
+    if conn.closed:
+        return False
+    try:
+        # shutdown() acts on the socket itself, so a dup of the descriptor
+        # reaches the one libpq owns without closing it under libpq's feet.
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.OperationalError):
+        return False
+    return True
 
 
 # Every statement of ours reads a few rows through an index, yet on tables of

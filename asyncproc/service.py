@@ -155,6 +155,27 @@ def callback_deliveries(pool: psycopg_pool.ConnectionPool, task_id: UUID, owner:
     ]
 
 
+def attempts(pool: psycopg_pool.ConnectionPool, task_id: UUID, owner: int | None = None) -> list[dict[str, Any]]:
+    """Every run of the task, oldest first, from the attempts ledger."""
+    with translate_errors(), pool.connection() as conn:
+        owned_task(conn, task_id, owner)
+        runs = ledger.task_attempts(conn, task_id)
+    return [
+        {
+            "attempt": run.attempt,
+            "worker_id": run.worker_id,
+            "host": run.host,
+            "pid": run.pid,
+            "started_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at),
+            "outcome": run.outcome,
+            "error": run.error,
+            "counted": run.outcome != "interrupted",
+        }
+        for run in runs
+    ]
+
+
 def retry(pool: psycopg_pool.ConnectionPool, cache: ResultCache, task_id: UUID, owner: int | None = None) -> Task:
     """Re-queue a failed or cancelled task, through SQL asyncproc_retry."""
     return _operator_change(pool, cache, ledger.task_retry, task_id, owner)

@@ -233,18 +233,26 @@ class Lease:
     # -- the connection --------------------------------------------------------------
 
     def _execute(self, name: str, **params: object) -> dict | None:
+        # A statement that takes longer than a heartbeat is as good as failed.
+        # The server's timeouts cannot end a wait on a connection cut
+        # silently, so the socket is shut down under it, which fails it at once.
+        timeout = max(0.1, self._settings.heartbeat_seconds)
         if self._conn is None or self._conn.closed:
             kwargs = db.connect_kwargs(self._settings, "asyncproc-worker-lease")
-            # A renewal that takes longer than a heartbeat is as good as failed.
-            kwargs["connect_timeout"] = max(1, math.ceil(self._settings.heartbeat_seconds))
-            timeout_ms = max(100, int(self._settings.heartbeat_seconds * 1000))
+            kwargs["connect_timeout"] = max(1, math.ceil(timeout))
+            timeout_ms = int(timeout * 1000)
             self._conn = psycopg.connect(
                 self._settings.database_url,
                 autocommit=True,
                 options=f"{db.NO_JIT} -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
                 **kwargs,
             )
-        return self._conn.execute(db.query(name), params).fetchone()
+        watchdog = threading.Timer(timeout, db.sever_connection, (self._conn,))
+        watchdog.start()
+        try:
+            return self._conn.execute(db.query(name), params).fetchone()
+        finally:
+            watchdog.cancel()
 
     def _close(self) -> None:
         if self._conn is not None:

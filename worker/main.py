@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,8 +45,10 @@ RESTART_DELAY_SECONDS = 1.0
 # A Procrastinate worker that ran this long before it stopped was not failing in a row.
 HEALTHY_RUN_SECONDS = 60.0
 # The exit code of a worker that ended itself because its lease lapsed while
-# thread or async handlers ran (EX_TEMPFAIL: a supervisor starts it again).
+# handlers ran that only its end could stop (EX_TEMPFAIL: a supervisor starts it again).
 FENCED_EXIT = 75
+# How long the fence waits for cancelled async handlers before it ends the process.
+ASYNC_FENCE_SECONDS = 1.0
 
 
 def run(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
@@ -77,20 +80,19 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     def fence(why: str) -> None:
         # From the lease's thread: the event loop may be the thing that is stuck.
         killed = processes.kill_all()
-        if runner is not None and runner.in_process:
-            log.critical(
-                "lease %s with %s thread or async handler(s) running, which only the process's end stops: exiting",
-                why,
-                runner.in_process,
-            )
-            logging.shutdown()
-            os._exit(FENCED_EXIT)
+        if runner is not None and runner.in_flight:
+            _exit_fenced(f"lease {why} with {runner.in_flight} thread handler(s) running, which only the process's end stops")
+        if runner is not None:
+            stopped = threading.Event()
+            loop.call_soon_threadsafe(runner.stop_async_handlers, stopped)
+            if not stopped.wait(ASYNC_FENCE_SECONDS):
+                _exit_fenced(f"lease {why} and async handlers did not stop within {ASYNC_FENCE_SECONDS:g}s of their cancel")
         log.error("lease %s: killed %s running handler process(es)", why, killed)
 
+    loop = asyncio.get_running_loop()
     lease = Lease(settings, fence)
     lease.deadline_sinks.append(processes.set_lease_deadline)
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lease.stop_acquiring)
     try:
@@ -174,6 +176,12 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         await asyncio.to_thread(lease.release)
     log.info("worker stopped")
     return runner.in_flight
+
+
+def _exit_fenced(why: str) -> None:
+    log.critical("%s: exiting", why)
+    logging.shutdown()
+    os._exit(FENCED_EXIT)
 
 
 async def _abandon(runner: Runner, pool: db.SeverableAsyncPool, lease: Lease) -> int:

@@ -59,9 +59,9 @@ class Runner:
         # thread abandoned at shutdown outlives its task.
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        # Async handlers running on the loop now.
-        self._async_running = 0
-        self.metrics.running.set_function(lambda: self.in_flight + self._async_running + self.processes.running)
+        # The runs of async handlers on the loop now, for the lease's fence.
+        self._async_runs: set[asyncio.Task] = set()
+        self.metrics.running.set_function(lambda: self.in_flight + len(self._async_runs) + self.processes.running)
         # Set when the worker is stopping: a thread handler cut short then is
         # abandoned (its job kept, for the sweep to release once the process
         # and its lease are gone) instead of waited for.
@@ -76,10 +76,18 @@ class Runner:
         # job manager skips Procrastinate's finish for these (worker/app.py).
         self.finished_jobs: set[int] = set()
 
-    @property
-    def in_process(self) -> int:
-        """Handlers running inside this process (threads and async), which only its end can stop."""
-        return self.in_flight + self._async_running
+    def stop_async_handlers(self, stopped: threading.Event) -> None:
+        """Cancel every async handler (on the loop, for the lease's fence); `stopped` is set once none runs."""
+        runs = list(self._async_runs)
+        for run in runs:
+            run.cancel()
+
+        async def wait() -> None:
+            if runs:
+                await asyncio.wait(runs)
+            stopped.set()
+
+        asyncio.get_running_loop().create_task(wait())
 
     async def run(
         self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None, worker_id: int | None = None
@@ -185,7 +193,8 @@ class Runner:
         if operation.isolation == "thread":
             return await self._in_thread(handler, task.payload, ctx, timeout, job_id)
         limit = asyncio.timeout(timeout)
-        self._async_running += 1
+        run = asyncio.current_task()
+        self._async_runs.add(run)
         try:
             async with limit:
                 return await handler(task.payload, ctx)
@@ -194,7 +203,7 @@ class Runner:
                 raise
             raise AttemptStopped("timeout", f"the handler hit its time limit of {timeout:g}s and was cancelled") from None
         finally:
-            self._async_running -= 1
+            self._async_runs.discard(run)
 
     def time_limit(self, task: Task, operation: Operation) -> float | None:
         """The task's own limit, else its operation's, else the worker's default; None for none."""

@@ -130,6 +130,24 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                 },
             },
         },
+        "Attempt": {
+            "type": "object",
+            "required": ["attempt", "worker_id", "host", "pid", "started_at", "finished_at", "outcome", "error", "counted"],
+            "properties": {
+                "attempt": {"type": "integer", "minimum": 1},
+                "worker_id": {"type": ["integer", "null"]},
+                "host": {"type": ["string", "null"]},
+                "pid": {"type": ["integer", "null"]},
+                "started_at": {"type": "string", "format": "date-time"},
+                "finished_at": nullable_time,
+                "outcome": {
+                    "type": "string",
+                    "enum": ["running", "completed", "failed", "retried", "cancelled", "interrupted", "lost"],
+                },
+                "error": {"type": ["string", "null"]},
+                "counted": {"type": "boolean", "description": "false for a run given back at shutdown"},
+            },
+        },
         "CallbackDelivery": {
             "type": "object",
             "required": ["id", "url", "task_status", "state", "attempts", "next_attempt_at", "created_at",
@@ -371,6 +389,34 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                                     "type": "object",
                                     "required": ["callbacks"],
                                     "properties": {"callbacks": {"type": "array", "items": _ref("CallbackDelivery")}},
+                                }
+                            }
+                        },
+                    },
+                    "404": not_found,
+                    **guarded,
+                    **unavailable,
+                },
+            }
+        },
+        "/results/{task_id}/attempts": {
+            "get": {
+                "operationId": "taskAttempts",
+                "summary": "Every run of the task, from the attempts ledger (SQL view asyncproc_task_attempts)",
+                **security,
+                "parameters": [task_id_parameter],
+                "responses": {
+                    "200": {
+                        "description": "oldest first; empty while the task has never run",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["task_id", "attempts"],
+                                    "properties": {
+                                        "task_id": {"type": "string", "format": "uuid"},
+                                        "attempts": {"type": "array", "items": _ref("Attempt")},
+                                    },
                                 }
                             }
                         },

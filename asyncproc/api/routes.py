@@ -165,6 +165,13 @@ def callbacks(raw_id: str):
     return {"callbacks": service.callback_deliveries(res.pool, validation.task_id(raw_id), owner=current_owner())}
 
 
+@bp.get("/results/<raw_id>/attempts")
+def attempts(raw_id: str):
+    res = resources()
+    task_id = validation.task_id(raw_id)
+    return {"task_id": str(task_id), "attempts": service.attempts(res.pool, task_id, owner=current_owner())}
+
+
 @bp.post("/results/<raw_id>/retry")
 def retry(raw_id: str):
     res = resources()

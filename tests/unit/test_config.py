@@ -9,6 +9,7 @@ import pytest
 from asyncproc.config import SecondsRange, Settings, variable_names
 from asyncproc.db import connect_kwargs
 from asyncproc.errors import ConfigError
+from worker.lease import fence_seconds
 
 
 def test_defaults_need_no_environment():
@@ -188,3 +189,38 @@ def test_retention_defaults_and_durations():
     assert settings.retain_completed == timedelta(hours=36)
     assert settings.retain_failed is None
     assert settings.retain_cancelled == timedelta(days=14)
+
+
+@pytest.mark.parametrize(
+    ("stalled", "heartbeat"),
+    [("30", "15"), ("20", "10"), ("5", "3"), ("2", "1")],
+)
+def test_lease_settings_that_cannot_fence_in_time_are_refused_naming_both(stalled, heartbeat):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"ASYNCPROC_STALLED_SECONDS": stalled, "ASYNCPROC_HEARTBEAT_SECONDS": heartbeat})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"ASYNCPROC_STALLED_SECONDS={stalled}" in message and f"ASYNCPROC_HEARTBEAT_SECONDS={heartbeat}" in message
+
+
+def test_the_default_lease_settings_are_sound_and_fence_before_any_takeover():
+    settings = Settings.from_env({})
+    fence = fence_seconds(settings)
+    # One missed renewal fits before the fence, and the fence comes a heartbeat before the takeover.
+    assert settings.heartbeat_seconds < fence <= settings.stalled_seconds - 1
+    assert Settings.from_env({"ASYNCPROC_STALLED_SECONDS": "3", "ASYNCPROC_HEARTBEAT_SECONDS": "1"}).stalled_seconds == 3
+
+
+def test_the_worker_refuses_unsound_lease_settings_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncproc.cli", "worker"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+             "ASYNCPROC_STALLED_SECONDS": "10", "ASYNCPROC_HEARTBEAT_SECONDS": "10"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "ASYNCPROC_STALLED_SECONDS=10" in lines[0] and "ASYNCPROC_HEARTBEAT_SECONDS=10" in lines[0]
