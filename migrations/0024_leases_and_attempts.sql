@@ -105,6 +105,12 @@ CREATE FUNCTION asyncproc_tasks_attempts_deleted() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path FROM CURRENT
+    -- One probe of the ledger's index per deleted task (a prune batch is a
+    -- thousand), never a pass over the whole ledger, whatever the statistics.
+    SET enable_seqscan = off
+    SET enable_bitmapscan = off
+    SET enable_hashjoin = off
+    SET enable_mergejoin = off
 AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
