@@ -82,7 +82,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         killed = processes.kill_all()
         if runner is not None and runner.in_flight:
             _exit_fenced(f"lease {why} with {runner.in_flight} thread handler(s) running, which only the process's end stops")
-        if runner is not None:
+        if runner is not None and runner.async_running:
             stopped = threading.Event()
             loop.call_soon_threadsafe(runner.stop_async_handlers, stopped)
             if not stopped.wait(ASYNC_FENCE_SECONDS):

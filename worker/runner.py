@@ -76,6 +76,10 @@ class Runner:
         # job manager skips Procrastinate's finish for these (worker/app.py).
         self.finished_jobs: set[int] = set()
 
+    @property
+    def async_running(self) -> int:
+        return len(self._async_runs)
+
     def stop_async_handlers(self, stopped: threading.Event) -> None:
         """Cancel every async handler (on the loop, for the lease's fence); `stopped` is set once none runs."""
         runs = list(self._async_runs)

@@ -23,6 +23,7 @@ from asyncproc.config import Settings
 from asyncproc.embedded import EmbeddedPostgres
 from tests.conftest import free_port, wait_for
 from tests.e2e.conftest import Service, _healthy, _start, stop_processes
+from tests.faults.proxy import SilentProxy
 
 # Small enough that a test sees every recovery path within seconds.
 FAULT_ENV = {
@@ -164,6 +165,14 @@ class Fleet:
 
     def stop_all(self) -> None:
         stop_processes(self.processes)
+
+
+@pytest.fixture
+def proxy(cluster: Cluster) -> Iterator[SilentProxy]:
+    """A TCP proxy to the cluster that can go silent (no FIN, no RST), as a partition does."""
+    running = SilentProxy(cluster.server.port).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pytest
 from psycopg.conninfo import make_conninfo
 
 from tests.conftest import wait_for
-from tests.faults.proxy import SilentProxy
 
 pytestmark = pytest.mark.faults
 
 RESPONSE_TIMEOUT = 2
-
-
-@pytest.fixture
-def proxy(cluster) -> Iterator[SilentProxy]:
-    running = SilentProxy(cluster.server.port).start()
-    yield running
-    running.stop()
 
 
 def test_worker_notices_a_half_open_connection_and_carries_on(fleet, cluster, proxy):
