@@ -74,6 +74,17 @@ class JobManager(manager.JobManager):
         self._unstarted: deque[jobs.Job] = deque()
         self._handed_out = 0
         self._fetch_failing = False
+        self._stopping = False
+
+    def stop_fetching(self) -> None:
+        """The worker is stopping: hand out no more jobs, and give back at once any that a fetch still brings.
+
+        Procrastinate starts a job that a fetch returns after its stop; and a
+        job kept unstarted until the grace period ends is given back only if
+        the database still answers then. Returned at once, while the fetch's
+        own connection has just answered, it costs no attempt.
+        """
+        self._stopping = True
 
     async def register_worker(self) -> int:
         self._unstarted.clear()
@@ -84,6 +95,9 @@ class JobManager(manager.JobManager):
         """The lease's own thread renews it."""
 
     async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> jobs.Job | None:
+        if self._stopping:
+            await self._return_unstarted()
+            return None
         if not self._unstarted:
             if not self._lease.valid():
                 return None
@@ -102,6 +116,9 @@ class JobManager(manager.JobManager):
                 log.info("fetching again")
                 self._fetch_failing = False
             self._unstarted.extend(jobs.Job.from_row(row) for row in rows)
+            if self._stopping:
+                await self._return_unstarted()
+                return None
         if not self._unstarted:
             return None
         self._handed_out += 1
@@ -133,16 +150,20 @@ class JobManager(manager.JobManager):
         # Every started job has finished by now (Procrastinate waits for them
         # first). The lease itself is given up by the worker process, once
         # the last of its runs has ended (worker/main.py).
-        if self._unstarted:
-            job_ids = [job.id for job in self._unstarted]
-            self._unstarted.clear()
-            row = await self._until_done(
-                "returning unstarted jobs",
-                worker_id,
-                lambda: self.connector.execute_query_one_async(query=db.query("jobs_return"), job_ids=job_ids),
-            )
-            if row is not None:
-                log.warning("stopping: returned %s fetched task(s) that had not started", row["returned"])
+        await self._return_unstarted()
+
+    async def _return_unstarted(self) -> None:
+        if not self._unstarted:
+            return
+        job_ids = [job.id for job in self._unstarted]
+        self._unstarted.clear()
+        row = await self._until_done(
+            "returning unstarted jobs",
+            self._lease.worker_id,
+            lambda: self.connector.execute_query_one_async(query=db.query("jobs_return"), job_ids=job_ids),
+        )
+        if row is not None:
+            log.warning("stopping: returned %s fetched task(s) that had not started", row["returned"])
 
     def _current_lease(self) -> int:
         worker_id = self._lease.worker_id

@@ -122,6 +122,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         )
         stopping.set()
         runner.shutting_down = True
+        app.job_manager.stop_fetching()
         if worker_task is not None:
             worker_task.cancel()
 
