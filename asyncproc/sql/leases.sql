@@ -19,6 +19,7 @@ RETURNING id
 UPDATE procrastinate_workers
 SET last_heartbeat = least(last_heartbeat, now() - make_interval(secs => %(stalled_seconds)s - %(seconds)s))
 WHERE id = %(worker_id)s
+RETURNING id
 
 -- name: lease_release
 SELECT procrastinate_unregister_worker_v1(%(worker_id)s)

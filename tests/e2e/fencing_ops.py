@@ -9,8 +9,9 @@ Two runs of a task overlapped if their [first line, last line] intervals
 intersect.
 
 Payload:
-  seconds        how long the first attempt runs (default 0)
-  retry_seconds  how long every later attempt runs (default: seconds)
+  seconds        how long the first run runs (default 0)
+  retry_seconds  how long every later run runs, once the journal has one (default: seconds);
+                 a run given back at shutdown carries its attempt number again
   honour_stop    stop early when ctx.should_stop() turns true (default true);
                  false: run the full time whatever the worker asks
 """
@@ -41,7 +42,8 @@ def _line(event: str, ctx) -> None:
 
 def journal_run(payload, ctx):
     seconds = float(payload.get("seconds", 0))
-    if ctx.attempt > 1:
+    journal = os.environ.get(JOURNAL_ENV)
+    if journal and any(line["task_id"] == str(ctx.task_id) for line in read_journal(journal)):
         seconds = float(payload.get("retry_seconds", seconds))
     honour_stop = bool(payload.get("honour_stop", True))
     _line("start", ctx)
