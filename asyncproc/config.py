@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -21,7 +22,9 @@ from psycopg import conninfo
 from asyncproc.errors import ConfigError
 from asyncproc.webhooks import AllowList
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The package's own copy (setup.cfg maps migrations/ onto asyncproc.migrations),
+# so that every install finds it wherever the command runs.
+INSTALLED_MIGRATIONS = Path(str(resources.files("asyncproc.migrations")))
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Settings:
     # Relative to where a command runs, so that every command run in the
     # directory of an `asyncproc up` finds its embedded database.
     data_dir: Path = Path(".asyncproc")
-    migrations_dir: Path = PROJECT_ROOT / "migrations"
+    migrations_dir: Path = INSTALLED_MIGRATIONS
     operations_module: str | None = None
     api_workers: int = 2
     api_threads: int = 8

@@ -10,8 +10,8 @@ import uuid
 import pytest
 import requests
 
-from asyncproc.config import PROJECT_ROOT
 from tests.conftest import free_port, wait_for
+from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 

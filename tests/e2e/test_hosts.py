@@ -25,10 +25,10 @@ import pytest
 import requests
 
 from asyncproc import db
-from asyncproc.config import PROJECT_ROOT
 from asyncproc.embedded import EmbeddedPostgres
 from asyncproc.locate import EMBEDDED_DATABASE
 from tests.conftest import wait_for
+from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 import requests
 
-from asyncproc.config import PROJECT_ROOT
 from asyncproc.embedded import EmbeddedPostgres
 from tests.conftest import free_port, wait_for
+from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,9 @@ import pytest
 
 from asyncproc import keys
 from asyncproc.api import create_app
-from asyncproc.config import PROJECT_ROOT, Settings
+from asyncproc.config import Settings
 from asyncproc.embedded import find_bindir
+from tests.support import PROJECT_ROOT
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 

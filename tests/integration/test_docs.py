@@ -12,9 +12,10 @@ import pytest
 
 from asyncproc import db, migrate
 from asyncproc.cli import _parser
-from asyncproc.config import PROJECT_ROOT, Settings, variable_names
+from asyncproc.config import Settings, variable_names
 from asyncproc.embedded import find_bindir
 from tests.conftest import WORKER_OPTIONS
+from tests.support import PROJECT_ROOT
 
 DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 SNIPPETS = [snippet for path in DOCUMENTS for snippet in re.findall(r"```sql\n(.*?)```", path.read_text(), re.DOTALL)]

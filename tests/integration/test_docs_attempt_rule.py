@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from asyncproc.config import PROJECT_ROOT
+from tests.support import PROJECT_ROOT
 
 # The rule, word for word, in both documents (line breaks and emphasis aside).
 ATTEMPT_RULE = "A run cut short by shutdown gives its attempt back; a run lost to a crash counts."

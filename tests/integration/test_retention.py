@@ -12,9 +12,10 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from asyncproc import cli, db, retention
-from asyncproc.config import PROJECT_ROOT, Settings
+from asyncproc.config import Settings
 from asyncproc.loops import LoopHealth, run_periodically
 from asyncproc.retention import COMPACT_SECONDS
+from tests.support import PROJECT_ROOT
 from worker.pruner import LedgerUpkeep, upkeep_period
 
 DOCS = (PROJECT_ROOT / "docs" / "retention.md").read_text()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from asyncproc.cli import _parser
-from asyncproc.config import PROJECT_ROOT, Settings
+from asyncproc.config import Settings
+from tests.support import PROJECT_ROOT
 
 UNITS = sorted((PROJECT_ROOT / "deploy" / "systemd").glob("*.service"))
 
