@@ -99,6 +99,11 @@ def discover(directory: Path) -> list[Migration]:
         if not match:
             raise MigrationError(f"unexpected file in {directory}: {path.name}")
         found.append(Migration(version=path.stem, path=path))
+    # Never a success that applied nothing: an install without its SQL, or a
+    # mistyped ASYNCPROC_MIGRATIONS_DIR, would leave a database without a schema.
+    if not found:
+        reason = "no 0001_name.sql files" if directory.is_dir() else "no such directory"
+        raise MigrationError(f"no migrations in {directory} ({reason}): check ASYNCPROC_MIGRATIONS_DIR or the asyncproc install")
     if len({m.version[:4] for m in found}) != len(found):
         raise MigrationError(f"two migrations share a number in {directory}")
     return found

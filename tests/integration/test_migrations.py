@@ -155,3 +155,21 @@ def test_a_database_at_the_previous_procrastinate_schema_is_upgraded_to_the_inst
         fresh = _procrastinate_objects(conn)
     for kind in fresh:
         assert upgraded[kind] == fresh[kind], kind
+
+
+@pytest.mark.parametrize("where", ["empty", "missing"])
+def test_migrate_without_migrations_fails_in_one_line_and_touches_nothing(empty_database, tmp_path, where):
+    directory = tmp_path if where == "empty" else tmp_path / "missing"
+    url = empty_database()
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncproc.cli", "migrate"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": url, "ASYNCPROC_MIGRATIONS_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"asyncproc: no migrations in {directory} "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with db.connect(url) as conn:
+        assert conn.execute("SELECT to_regclass('asyncproc_migrations') AS t").fetchone()["t"] is None
