@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import tempfile
 
 from gunicorn import glogging
@@ -100,6 +101,15 @@ def run(settings: Settings, bind: str, workers: int) -> None:
     # process's counters in files under PROMETHEUS_MULTIPROC_DIR, which it reads
     # when it is first imported: in the workers, after this fork. One fresh
     # directory per run, so counts never mix runs, removed when gunicorn exits.
-    with tempfile.TemporaryDirectory(prefix="asyncproc-metrics-") as metrics_dir:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Only the arbiter removes it: a gunicorn worker leaves by SystemExit
+    # through this very frame (it was forked inside it), and a context manager
+    # here deleted the directory under the other workers, whose next request
+    # then failed with a 500.
+    metrics_dir = tempfile.mkdtemp(prefix="asyncproc-metrics-")
+    arbiter = os.getpid()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
         ApiServer(settings, bind, workers).run()
+    finally:
+        if os.getpid() == arbiter:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
