@@ -59,8 +59,10 @@ class Runner:
         # thread abandoned at shutdown outlives its task.
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        # The runs of async handlers on the loop now, for the lease's fence.
+        # The runs of async handlers on the loop now, for the lease's fence,
+        # and those the fence cancelled: lost runs, which count.
         self._async_runs: set[asyncio.Task] = set()
+        self._fenced_runs: set[asyncio.Task] = set()
         self.metrics.running.set_function(lambda: self.in_flight + len(self._async_runs) + self.processes.running)
         # Set when the worker is stopping: a thread handler cut short then is
         # abandoned (its job kept, for the sweep to release once the process
@@ -83,6 +85,7 @@ class Runner:
     def stop_async_handlers(self, stopped: threading.Event) -> None:
         """Cancel every async handler (on the loop, for the lease's fence); `stopped` is set once none runs."""
         runs = list(self._async_runs)
+        self._fenced_runs.update(runs)
         for run in runs:
             run.cancel()
 
@@ -144,10 +147,17 @@ class Runner:
         try:
             result = await self._execute_timed(task, operation, ctx, job_id)
         except asyncio.CancelledError:
-            # A shutdown past its grace period, or a cancellation of the task.
-            # The handler is dead by now, unless it is a thread abandoned at
-            # shutdown, whose task the sweep releases once this process is gone.
+            # A shutdown past its grace period, a cancellation of the task, or
+            # the lease's fence. The handler is dead by now, unless it is a
+            # thread abandoned at shutdown, whose task the sweep releases once
+            # this process is gone.
             ctx.stop_event.set()
+            current = asyncio.current_task()
+            if current in self._fenced_runs:
+                self._fenced_runs.discard(current)
+                self.metrics.handler_stopped(task.operation, "crash")
+                await self._fail(task, "the handler was stopped: its worker's lease lapsed", retry=True, worker_id=worker_id)
+                return
             self.metrics.finished(task.operation, "interrupted")
             if job_id in self.abandoned_jobs:
                 log.warning("task %s: its handler thread cannot be stopped; released once this worker exits", task.task_id)
