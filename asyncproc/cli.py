@@ -14,7 +14,7 @@ from typing import Callable, NoReturn
 
 import psycopg
 
-from asyncproc import db, locate, logs, supervisor
+from asyncproc import contract, db, locate, logs, supervisor
 from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bind, parse_duration, parse_integer
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
@@ -146,8 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     timing.add_argument("--cron", help="five-field cron expression in UTC, or an alias such as @hourly")
     timing.add_argument("--every", type=_integer(1, 366 * 86400), metavar="SECONDS", help="every this many seconds")
     add.add_argument("--data", default="{}", help="the operation's input as a JSON object")
-    add.add_argument("--priority", type=_integer(-1_000_000, 1_000_000), default=0)
-    add.add_argument("--max-attempts", type=_integer(1, 100), default=3)
+    # The bounds and defaults of POST /process's fields of the same names.
+    add.add_argument("--priority", type=_integer(-contract.PRIORITY_LIMIT, contract.PRIORITY_LIMIT),
+                     default=contract.DEFAULT_PRIORITY)
+    add.add_argument("--max-attempts", type=_integer(contract.MIN_ATTEMPTS, contract.MAX_ATTEMPTS),
+                     default=contract.DEFAULT_MAX_ATTEMPTS)
     add.add_argument("--catch-up", choices=("skip", "one"), default="skip", help="after downtime: skip missed runs, or run one")
     schedule_commands.add_parser("list", help="list schedules")
     schedule_commands.add_parser("remove", help="remove a schedule").add_argument("name")

@@ -18,6 +18,7 @@ import psycopg
 from croniter import CroniterError, croniter
 from psycopg.types.json import Jsonb
 
+from asyncproc.contract import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from asyncproc.db import query
 from asyncproc.operations import InvalidInput, registry
 
@@ -113,8 +114,8 @@ def add(
     timing: Timing,
     operation: str,
     payload: dict[str, Any],
-    priority: int = 0,
-    max_attempts: int = 3,
+    priority: int = DEFAULT_PRIORITY,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     catch_up: str = "skip",
 ) -> None:
     if not NAME_PATTERN.match(name):

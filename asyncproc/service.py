@@ -21,9 +21,6 @@ from asyncproc.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
-# The same default as the tasks.max_attempts column; a test keeps them equal.
-DEFAULT_MAX_ATTEMPTS = 3
-
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()

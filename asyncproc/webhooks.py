@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from asyncproc.contract import MAX_URL_LENGTH
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SIGNATURE_HEADER = "X-Asyncproc-Signature"
-MAX_URL_LENGTH = 2000
 _HOST_ENTRY = re.compile(r"^\.?([a-z0-9_-]+\.)*[a-z0-9_-]+$")
 
 

@@ -1,5 +1,6 @@
-"""GET /openapi.json: the OpenAPI 3.1 description of this API, built from the
-same constants the code validates with, and each operation's input_schema."""
+"""GET /openapi.json: the OpenAPI 3.1 description of this API. Its request
+bodies are asyncproc.contract's schemas, which the API validates with, and
+each operation's input_schema is the one its input is checked against."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Any
 
 from flask import Flask
 
+from asyncproc import contract
 from asyncproc.api import validation
 from asyncproc.config import Settings
-from asyncproc.operations import MAX_TIMEOUT_SECONDS, Registry, registry
-from asyncproc.webhooks import MAX_URL_LENGTH
+from asyncproc.operations import Registry, registry
 
 JSON = "application/json"
 
@@ -52,48 +53,7 @@ def _schemas(operations: Registry) -> dict[str, Any]:
                 "detail": {"type": "string", "description": "the message again, where FastAPI clients look for it"},
             },
         },
-        "ProcessRequest": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "data": {
-                    "type": ["object", "null"],
-                    "description": "The operation's input; its `operation` key may name the operation. "
-                    "Each operation's input schema is in components.schemas as `<operation>.input`.",
-                },
-                "operation": {
-                    "type": ["string", "null"],
-                    "enum": [*operations.names(), None],
-                    "description": f"default {validation.DEFAULT_OPERATION}",
-                },
-                "priority": {
-                    "type": "integer",
-                    "minimum": -validation.PRIORITY_LIMIT,
-                    "maximum": validation.PRIORITY_LIMIT,
-                    "description": "higher runs first; default 0",
-                },
-                "delay_seconds": {
-                    "type": "number",
-                    "minimum": 0,
-                    "maximum": validation.MAX_DELAY_SECONDS,
-                    "description": "not together with run_at",
-                },
-                "run_at": {"type": "string", "format": "date-time", "description": "not together with delay_seconds"},
-                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100, "description": "default 3"},
-                "timeout_seconds": {
-                    "type": ["number", "null"],
-                    "exclusiveMinimum": 0,
-                    "maximum": MAX_TIMEOUT_SECONDS,
-                    "description": "each attempt's time limit; default: the operation's, else the worker's",
-                },
-                "callback_url": {
-                    "type": "string",
-                    "maxLength": MAX_URL_LENGTH,
-                    "description": "http(s) URL that is POSTed the task when it is finished, signed in "
-                    "X-Asyncproc-Signature; public hosts only unless ASYNCPROC_CALLBACK_ALLOW lists it",
-                },
-            },
-        },
+        "ProcessRequest": contract.process_request(operations.names()),
         "Accepted": {
             "type": "object",
             "required": ["task_id", "status", "message"],
@@ -264,27 +224,11 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
         "/process/batch": {
             "post": {
                 "operationId": "createTasks",
-                "summary": f"Store and queue up to {validation.MAX_BATCH_TASKS} tasks in one transaction",
+                "summary": f"Store and queue up to {contract.MAX_BATCH_TASKS} tasks in one transaction",
                 **security,
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["tasks"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "tasks": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "maxItems": validation.MAX_BATCH_TASKS,
-                                        "items": _ref("ProcessRequest"),
-                                    }
-                                },
-                            }
-                        }
-                    },
+                    "content": {JSON: {"schema": contract.batch_request(_ref("ProcessRequest"))}},
                 },
                 "responses": {
                     "202": {
@@ -314,7 +258,7 @@ def build(settings: Settings, operations: Registry) -> dict[str, Any]:
                     },
                     "400": _error("the body is empty or not JSON"),
                     "413": _error(f"the body is over {settings.max_body_bytes} bytes, or holds more than "
-                                  f"{validation.MAX_BATCH_TASKS} tasks"),
+                                  f"{contract.MAX_BATCH_TASKS} tasks"),
                     "415": _error("the body is not application/json"),
                     "422": _error("an item is invalid (the message names its index), or an Idempotency-Key was sent"),
                     **guarded,

@@ -54,7 +54,6 @@ def process():
     body = validation.parse_json_body(request.get_data())
     new = validation.new_task(
         body,
-        default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
         owner=current_owner(),
@@ -89,7 +88,6 @@ def process_batch():
     body = validation.parse_json_body(request.get_data())
     batch = validation.new_tasks(
         body,
-        default_max_attempts=service.DEFAULT_MAX_ATTEMPTS,
         request_id=g.request_id,
         owner=current_owner(),
         **_callback_policy(res.settings),

@@ -11,23 +11,22 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from asyncproc import contract
 from asyncproc.errors import BatchTooLarge, InvalidRequest, MalformedBody, TaskNotFound
 from asyncproc.ledger import NewTask
-from asyncproc.operations import MAX_TIMEOUT_SECONDS, InvalidInput, registry
+from asyncproc.operations import InvalidInput, registry
 from asyncproc.webhooks import AllowList, CallbackRefused, check_url
 
-DEFAULT_OPERATION = "compute"
-OPERATION_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+OPERATION_PATTERN = re.compile(contract.OPERATION_PATTERN)
 HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,255}$")
-TOP_LEVEL_FIELDS = frozenset(
-    {"data", "operation", "priority", "run_at", "delay_seconds", "max_attempts", "timeout_seconds",
-     "callback_url"}
-)
+TOP_LEVEL_FIELDS = frozenset(contract.PROCESS_FIELDS)
+# Each field's own schema decides whether its value is valid, so that the API
+# takes what /openapi.json says it takes (3.0 is an integer there, true is not).
+FIELD_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in contract.PROCESS_FIELDS.items()}
 MAX_DEPTH = 32
-PRIORITY_LIMIT = 1_000_000
-MAX_DELAY_SECONDS = 10 * 366 * 86400
 MAX_WAIT_SECONDS = 60
-MAX_BATCH_TASKS = 1000
 UTF8_BOM = b"\xef\xbb\xbf"
 # A 422 names this many unknown fields at most, and counts the rest.
 MAX_NAMED_FIELDS = 20
@@ -77,38 +76,25 @@ def check_storable(value: Any, path: str, depth: int = 0) -> None:
             check_storable(item, f"{path}[{index}]", depth + 1)
 
 
-def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest(
-            f"{name} must be an integer from {low} to {high}", [{"field": name}]
-        )
+def _field(body: dict[str, Any], name: str) -> Any:
+    """The field's value, or its default; InvalidRequest, worded from its schema, when its schema refuses it."""
+    schema = contract.PROCESS_FIELDS[name]
+    value = body.get(name, schema.get("default"))
+    if not FIELD_VALIDATORS[name].is_valid(value):
+        raise InvalidRequest(f"{name} must be {contract.value_rule(schema)}", [{"field": name}])
     return value
 
 
 def _timeout(body: dict[str, Any]) -> float | None:
-    value = body.get("timeout_seconds")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_SECONDS:
-        raise InvalidRequest(
-            f"timeout_seconds must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS}",
-            [{"field": "timeout_seconds"}],
-        )
-    return float(value)
+    value = _field(body, "timeout_seconds")
+    return None if value is None else float(value)
 
 
 def _run_at(body: dict[str, Any], now: datetime) -> datetime | None:
     if "run_at" in body and "delay_seconds" in body:
         raise InvalidRequest("Send run_at or delay_seconds, not both", [{"field": "run_at"}])
     if "delay_seconds" in body:
-        delay = body["delay_seconds"]
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_SECONDS:
-            raise InvalidRequest(
-                f"delay_seconds must be a number from 0 to {MAX_DELAY_SECONDS}",
-                [{"field": "delay_seconds"}],
-            )
-        return now + timedelta(seconds=delay)
+        return now + timedelta(seconds=_field(body, "delay_seconds"))
     if "run_at" in body:
         value = body["run_at"]
         try:
@@ -122,7 +108,7 @@ def _run_at(body: dict[str, Any], now: datetime) -> datetime | None:
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-        if not datetime(1970, 1, 1, tzinfo=timezone.utc) <= moment <= now + timedelta(seconds=MAX_DELAY_SECONDS):
+        if not datetime(1970, 1, 1, tzinfo=timezone.utc) <= moment <= now + timedelta(seconds=contract.MAX_DELAY_SECONDS):
             raise InvalidRequest("run_at is out of range", [{"field": "run_at"}])
         return moment
     return None
@@ -135,7 +121,7 @@ def _operation(body: dict[str, Any], data: dict[str, Any]) -> str:
         raise InvalidRequest(
             "operation is given twice with different values", [{"field": "operation"}]
         )
-    operation = inner if inner is not None else outer if outer is not None else DEFAULT_OPERATION
+    operation = inner if inner is not None else outer if outer is not None else contract.DEFAULT_OPERATION
     if not isinstance(operation, str) or not OPERATION_PATTERN.match(operation):
         raise InvalidRequest(
             "operation must be 1-100 characters of letters, digits, '_', '.', ':' or '-'",
@@ -165,7 +151,6 @@ def _callback_url(body: dict[str, Any], allow: AllowList, can_sign: bool) -> str
 def new_task(
     body: Any,
     *,
-    default_max_attempts: int,
     idempotency_key: str | None,
     request_id: str | None,
     owner: int | None = None,
@@ -199,8 +184,9 @@ def new_task(
         registry.check(operation, payload)
     except InvalidInput as exc:
         raise InvalidRequest(str(exc), exc.details) from None
-    max_attempts = _integer(body, "max_attempts", default_max_attempts, 1, 100)
-    priority = _integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    # int(): JSON Schema counts 3.0 as the integer 3, and the columns are integers.
+    max_attempts = int(_field(body, "max_attempts"))
+    priority = int(_field(body, "priority"))
     run_at = _run_at(body, datetime.now(timezone.utc))
     fingerprint = None
     if idempotency_key is not None:
@@ -254,7 +240,6 @@ def _canonical(value: Any) -> Any:
 def new_tasks(
     body: Any,
     *,
-    default_max_attempts: int,
     request_id: str | None,
     owner: int | None = None,
     callback_allow: AllowList = AllowList(),
@@ -265,11 +250,11 @@ def new_tasks(
         raise InvalidRequest('The JSON body must be {"tasks": [ ... ]}', [{"field": "tasks"}])
     items = body["tasks"]
     if not items:
-        raise InvalidRequest("tasks is empty; send 1 to %s tasks" % MAX_BATCH_TASKS, [{"field": "tasks"}])
-    if len(items) > MAX_BATCH_TASKS:
+        raise InvalidRequest(f"tasks is empty; send 1 to {contract.MAX_BATCH_TASKS} tasks", [{"field": "tasks"}])
+    if len(items) > contract.MAX_BATCH_TASKS:
         raise BatchTooLarge(
-            f"A batch holds at most {MAX_BATCH_TASKS} tasks, not {len(items)}",
-            {"max_tasks": MAX_BATCH_TASKS, "tasks": len(items)},
+            f"A batch holds at most {contract.MAX_BATCH_TASKS} tasks, not {len(items)}",
+            {"max_tasks": contract.MAX_BATCH_TASKS, "tasks": len(items)},
         )
     batch = []
     for index, item in enumerate(items):
@@ -277,7 +262,6 @@ def new_tasks(
             batch.append(
                 new_task(
                     item,
-                    default_max_attempts=default_max_attempts,
                     idempotency_key=None,
                     request_id=request_id,
                     owner=owner,

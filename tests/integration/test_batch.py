@@ -7,7 +7,7 @@ import json
 import pytest
 
 from asyncproc.api import create_app
-from asyncproc.api.validation import MAX_BATCH_TASKS
+from asyncproc.contract import MAX_BATCH_TASKS
 from asyncproc.config import Settings
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncproc import db, migrate, service
+from asyncproc import db, migrate
 from asyncproc.config import Settings
 
 MIGRATIONS = Settings().migrations_dir
@@ -71,14 +71,6 @@ def test_an_untested_procrastinate_release_is_refused():
 def test_the_tested_releases_match_the_pin_in_setup_cfg():
     pin = re.search(r"procrastinate>=(\d+\.\d+),<", (Path(__file__).parents[2] / "setup.cfg").read_text()).group(1)
     assert migrate.TESTED_PROCRASTINATE == (pin,)
-
-
-def test_api_default_max_attempts_matches_the_column_default(conn):
-    row = conn.execute(
-        "SELECT column_default FROM information_schema.columns"
-        " WHERE table_name = 'tasks' AND column_name = 'max_attempts'"
-    ).fetchone()
-    assert row["column_default"] == str(service.DEFAULT_MAX_ATTEMPTS)
 
 
 def test_migrations_record_the_procrastinate_schema_they_applied(conn):

@@ -9,7 +9,7 @@ from asyncproc.errors import InvalidRequest, MalformedBody, TaskNotFound
 
 
 def make(body, **kwargs):
-    return validation.new_task(body, default_max_attempts=3, idempotency_key=None, request_id=None, **kwargs)
+    return validation.new_task(body, idempotency_key=None, request_id=None, **kwargs)
 
 
 def test_the_seed_body_becomes_a_compute_task_with_the_other_keys_as_input():
