@@ -3,10 +3,11 @@
 A handler is a plain function `handler(payload: dict, ctx: TaskContext)` that
 returns something JSON can encode. It may also be an `async def`. Register it
 under a stable name: queued tasks refer to that name, so renaming a handler
-would orphan them. Its `input_schema`, a small subset of JSON Schema, is checked
-by the API (a 422 before anything is stored) and again by the worker, because
-a psql INSERT never passes through the API. The API also publishes it in
-/openapi.json.
+would orphan them. Its `input_schema` is JSON Schema Draft 2020-12, the dialect
+of OpenAPI 3.1, checked by the jsonschema library: by the API (a 422 before
+anything is stored) and again by the worker, because a psql INSERT never passes
+through the API. The API publishes it in /openapi.json, where it means what the
+checks do.
 
     from asyncproc.operations import PermanentError, operation
 
@@ -33,29 +34,29 @@ import importlib
 import inspect
 import os
 import random
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from uuid import UUID
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError
+
 from asyncproc.config import SecondsRange
+from asyncproc.contract import MAX_TIMEOUT_SECONDS
 from asyncproc.errors import ConfigError
 
 Handler = Callable[[dict[str, Any], "TaskContext"], Any]
 
-# The JSON Schema keywords an input_schema may use; anything else is refused
-# at registration rather than silently ignored.
-SCHEMA_KEYWORDS = frozenset(
-    {"type", "properties", "required", "additionalProperties", "minimum", "maximum",
-     "minLength", "maxLength", "items", "enum", "default", "description"}
-)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+DIALECT = Draft202012Validator.META_SCHEMA["$id"]
 # "process": a child process of the worker (the default for sync handlers);
 # "thread": a thread of the worker. Async handlers run on the worker's loop.
 ISOLATIONS = ("process", "thread")
-# The longest time limit a task or an operation may set: a week.
-MAX_TIMEOUT_SECONDS = 7 * 86400
+# A problem that quotes a huge value would make a huge 422 and log line.
+MAX_PROBLEM_LENGTH = 200
 
 
 class PermanentError(Exception):
@@ -119,6 +120,7 @@ class Operation:
 class Registry:
     def __init__(self) -> None:
         self._operations: dict[str, Operation] = {}
+        self._validators: dict[str, Draft202012Validator] = {}
 
     def register(
         self,
@@ -130,9 +132,7 @@ class Registry:
         memory_mb: int | None = None,
     ) -> Callable[[Handler], Handler]:
         schema = ANY_OBJECT if input_schema is None else input_schema
-        _check_schema(schema, name)
-        if schema.get("type") != "object":
-            raise ValueError(f"operation {name!r}: input_schema must have type object")
+        validator = compile_schema(schema, name)
         if isolation is not None and isolation not in ISOLATIONS:
             raise ValueError(f"operation {name!r}: isolation must be one of {', '.join(ISOLATIONS)}")
         if timeout_seconds is not None and not 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS:
@@ -152,6 +152,7 @@ class Registry:
                 # Only a process of its own can be limited and killed alone.
                 raise ValueError(f"operation {name!r}: memory_mb needs isolation='process'")
             self._operations[name] = Operation(name, handler, schema, where, timeout_seconds, memory_mb)
+            self._validators[name] = validator
             return handler
 
         return decorator
@@ -177,7 +178,7 @@ class Registry:
                 f"unknown operation {name!r}; known: {', '.join(self.names())}",
                 [{"field": "operation", "problem": "unknown operation"}],
             )
-        problems = schema_problems(known.input_schema, payload, "data")
+        problems = schema_problems(self._validators[name], payload, "data")
         if problems:
             summary = "; ".join(f"{p['field']} {p['problem']}" for p in problems)
             raise InvalidInput(f"invalid input for {name}: {summary}", problems)
@@ -207,61 +208,83 @@ def load_user_module(module_name: str | None) -> None:
         ) from None
 
 
-def _check_schema(schema: dict[str, Any], where: str) -> None:
-    unknown = set(schema) - SCHEMA_KEYWORDS
-    if unknown:
-        raise ValueError(f"operation {where!r}: unsupported input_schema keywords {sorted(unknown)}")
-    for name, sub in schema.get("properties", {}).items():
-        _check_schema(sub, f"{where}.{name}")
-    if "items" in schema:
-        _check_schema(schema["items"], f"{where}[]")
+def compile_schema(schema: Any, name: str) -> Draft202012Validator:
+    """The validator of an input_schema; ValueError, one line naming the operation, if it is no valid schema."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise ValueError(f"operation {name!r}: input_schema must be a JSON Schema object with type object")
+    if schema.get("$schema", DIALECT).rstrip("#") != DIALECT:
+        raise ValueError(
+            f"operation {name!r}: input_schema is checked as JSON Schema {DIALECT}, the dialect of OpenAPI 3.1, "
+            f"not as {schema['$schema']!r}"
+        )
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "its top level"
+        raise ValueError(
+            f"operation {name!r}: input_schema is not valid JSON Schema: {_one_line(exc.message)} (at {where})"
+        ) from None
+    return Draft202012Validator(schema)
 
 
-_TYPES: dict[str, Callable[[Any], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+def schema_problems(validator: Draft202012Validator, value: Any, path: str) -> list[dict[str, str]]:
+    """What is wrong with `value` under the validator's schema: each field and its problem.
 
-
-def schema_problems(schema: dict[str, Any], value: Any, path: str) -> list[dict[str, str]]:
-    """What is wrong with `value` under the JSON Schema subset of SCHEMA_KEYWORDS."""
-    expected = schema.get("type")
-    if expected is not None:
-        types = [expected] if isinstance(expected, str) else expected
-        if not any(_TYPES[t](value) for t in types):
-            return [{"field": path, "problem": f"must be of type {' or '.join(types)}"}]
-    if "enum" in schema and value not in schema["enum"]:
-        return [{"field": path, "problem": "must be one of " + ", ".join(map(repr, schema["enum"]))}]
+    A value of the wrong type gets that one problem, not also each rule that type cannot meet.
+    """
+    errors = list(validator.iter_errors(value))
+    mistyped = {tuple(error.absolute_path) for error in errors if error.validator == "type"}
     problems: list[dict[str, str]] = []
-    if _TYPES["number"](value):
-        if "minimum" in schema and value < schema["minimum"]:
-            problems.append({"field": path, "problem": f"must be at least {schema['minimum']}"})
-        if "maximum" in schema and value > schema["maximum"]:
-            problems.append({"field": path, "problem": f"must be at most {schema['maximum']}"})
-    elif isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            problems.append({"field": path, "problem": f"must be at least {schema['minLength']} characters"})
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            problems.append({"field": path, "problem": f"must be at most {schema['maxLength']} characters"})
-    elif isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            problems += schema_problems(schema["items"], item, f"{path}[{index}]")
-    elif isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for name in schema.get("required", []):
-            if name not in value:
-                problems.append({"field": f"{path}.{name}", "problem": "is required"})
-        for name, item in value.items():
-            if name in properties:
-                problems += schema_problems(properties[name], item, f"{path}.{name}")
-            elif schema.get("additionalProperties", True) is False:
-                problems.append({"field": f"{path}.{name}", "problem": "is not an accepted field"})
+    for error in errors:
+        if error.validator != "type" and tuple(error.absolute_path) in mistyped:
+            continue
+        field = path + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
+        for problem in _problems(error, field):
+            if problem not in problems:
+                problems.append(problem)
     return problems
+
+
+def _problems(error: ValidationError, field: str) -> list[dict[str, str]]:
+    rule = error.validator_value
+    if error.validator == "required":
+        return [{"field": f"{field}.{name}", "problem": "is required"} for name in rule if name not in error.instance]
+    if error.validator == "additionalProperties" and rule is False:
+        declared = error.schema.get("properties", {})
+        patterns = error.schema.get("patternProperties", {})
+        return [
+            {"field": f"{field}.{name}", "problem": "is not an accepted field"}
+            for name in error.instance
+            if name not in declared and not any(re.search(pattern, name) for pattern in patterns)
+        ]
+    if error.validator == "type":
+        problem = "must be of type " + " or ".join([rule] if isinstance(rule, str) else rule)
+    elif error.validator == "enum":
+        problem = "must be one of " + ", ".join(map(repr, rule))
+    else:
+        problem = {
+            "minimum": f"must be at least {rule}",
+            "maximum": f"must be at most {rule}",
+            "exclusiveMinimum": f"must be above {rule}",
+            "exclusiveMaximum": f"must be below {rule}",
+            "minLength": f"must be at least {rule} characters",
+            "maxLength": f"must be at most {rule} characters",
+            "multipleOf": f"must be a multiple of {rule}",
+            "pattern": f"must match the pattern {rule!r}",
+            "const": f"must be {rule!r}",
+            "minItems": f"must have at least {rule} items",
+            "maxItems": f"must have at most {rule} items",
+            "uniqueItems": "must not repeat an item",
+            "anyOf": "must match at least one of its schemas",
+            "oneOf": "must match exactly one of its schemas",
+            "not": "must not match the schema under `not`",
+        }.get(error.validator, error.message)
+    return [{"field": field, "problem": _one_line(problem)}]
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_PROBLEM_LENGTH else text[: MAX_PROBLEM_LENGTH - 3] + "..."
 
 
 @operation(
@@ -273,7 +296,8 @@ def schema_problems(schema: dict[str, Any], value: Any, path: str) -> list[dict[
     },
 )
 def compute(payload: dict[str, Any], ctx: TaskContext) -> int:
-    n = payload.get("n", 1_000_000)
+    # JSON Schema counts 10.0 as an integer; the sum below it is exact only in int arithmetic.
+    n = int(payload.get("n", 1_000_000))
     seconds = random.uniform(ctx.compute_seconds.low, ctx.compute_seconds.high)
     if seconds > 0:
         steps = 10

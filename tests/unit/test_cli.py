@@ -59,3 +59,28 @@ def test_commands_without_a_database_say_how_to_get_one(tmp_path):
         f"asyncproc: configuration error: DATABASE_URL is not set, and no embedded database runs in {tmp_path}: "
         "start one with `asyncproc up` in this directory, or set DATABASE_URL"
     )
+
+
+@pytest.mark.parametrize("command", ["worker", "api", "up"])
+def test_an_operation_with_an_invalid_input_schema_stops_start_up_in_one_line_naming_it(tmp_path, command):
+    (tmp_path / "badschema_ops.py").write_text(
+        "from asyncproc.operations import operation\n\n"
+        "@operation('resize', input_schema={'type': 'object', 'properties': {'width': {'type': 'int'}}})\n"
+        "def resize(payload, ctx):\n"
+        "    return payload\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncproc.cli", command],
+        env={"PATH": "/usr/bin:/bin", "ASYNCPROC_OPERATIONS_MODULE": "badschema_ops", "ASYNCPROC_DATA_DIR": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "asyncproc: configuration error: ASYNCPROC_OPERATIONS_MODULE='badschema_ops' cannot be imported: "
+        "ValueError: operation 'resize': input_schema is not valid JSON Schema: "
+    ), result.stderr
+    assert result.stderr.rstrip().endswith("(at properties/width/type)")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -20,6 +20,9 @@ def ctx(attempt: int = 1) -> TaskContext:
 def test_compute_defaults_to_the_seed_result():
     assert registry.get("compute")({"input": 42}, ctx()) == 499999500000
     assert registry.get("compute")({"n": 10}, ctx()) == 45
+    # 10.0 is an integer to JSON Schema, and the sum below it still an exact int.
+    assert registry.check("compute", {"n": 10.0})({"n": 10.0}, ctx()) == 45
+    assert type(registry.get("compute")({"n": 10**12 * 1.0}, ctx())) is int
 
 
 @pytest.mark.parametrize(
@@ -75,9 +78,64 @@ def test_a_declared_schema_checks_required_nested_and_closed_objects():
     assert local.input_schemas() == {"resize": schema}
 
 
-def test_an_unsupported_schema_keyword_is_refused_at_registration():
-    with pytest.raises(ValueError, match="unsupported input_schema keywords"):
-        Registry().register("x", input_schema={"type": "object", "pattern": "^a"})
+@pytest.mark.parametrize(
+    "schema,problem",
+    [
+        ({"type": "object", "properties": {"n": {"type": "integr"}}}, r"is not valid JSON Schema: .* \(at properties/n/type\)$"),
+        ({"type": "object", "properties": {"s": {"pattern": "(["}}}, r"is not valid JSON Schema: .* \(at properties/s/pattern\)$"),
+        ({"type": "object", "required": "url"}, r"is not valid JSON Schema: .* \(at required\)$"),
+        ({"type": "array"}, "must be a JSON Schema object with type object"),
+        ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"},
+         "is checked as JSON Schema https://json-schema.org/draft/2020-12/schema"),
+    ],
+    ids=["unknown type", "invalid regex", "required not a list", "not an object", "another dialect"],
+)
+def test_an_invalid_schema_is_refused_at_registration_in_one_line_naming_the_operation(schema, problem):
+    with pytest.raises(ValueError, match="^operation 'resize': input_schema " + problem) as raised:
+        Registry().register("resize", input_schema=schema)
+    assert "\n" not in str(raised.value)
+
+
+def test_input_is_checked_with_json_schemas_own_semantics():
+    local = Registry()
+
+    @local.register("x", input_schema={
+        "type": "object",
+        "properties": {
+            "one": {"enum": [1]},
+            "count": {"type": "integer"},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+        },
+    })
+    def handler(payload, ctx):
+        return payload
+
+    # JSON has one number type: 1.0 is the integer 1, and equal to the 1 of an enum.
+    assert local.check("x", {"one": 1.0, "count": 2.0, "code": "ABC", "either": 3}) is handler
+    with pytest.raises(InvalidInput) as raised:
+        local.check("x", {"one": True, "count": 2.5, "code": "abc", "either": 1.5})
+    # true is not 1 in JSON Schema, whatever Python's True == 1 says.
+    assert raised.value.details == [
+        {"field": "data.one", "problem": "must be one of 1"},
+        {"field": "data.count", "problem": "must be of type integer"},
+        {"field": "data.code", "problem": "must match the pattern '^[A-Z]{3}$'"},
+        {"field": "data.either", "problem": "must match exactly one of its schemas"},
+    ]
+
+
+def test_a_problem_never_quotes_a_huge_value():
+    local = Registry()
+
+    @local.register("x", input_schema={"type": "object", "properties": {"words": {"contains": {"type": "integer"}}}})
+    def handler(payload, ctx):
+        return payload
+
+    with pytest.raises(InvalidInput) as raised:
+        local.check("x", {"words": ["x" * 100_000]})
+    [problem] = raised.value.details
+    assert problem["field"] == "data.words"
+    assert problem["problem"].startswith("['xxx") and len(problem["problem"]) == 200
 
 
 def test_fail_fails_its_first_times_attempts_then_succeeds():
