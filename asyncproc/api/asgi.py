@@ -9,26 +9,33 @@ thousands of waiting or slow clients leave the other requests' latency alone.
 On top of gunicorn's worker: header and body read timeouts, a cap on
 connections per client address, and errors in our JSON shape even when they
 are raised before the request reaches Flask (400, 414, 431 from the parser).
+All of it goes through gunicorn's public extension points (a worker class,
+the asyncio.Protocol and ASGI interfaces) except the JSON shape of the
+parser's errors, which only a private method can change: that one is
+confined to asyncproc.api.gunicorn_adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import json
 import logging
+import os
+import signal
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Awaitable, Iterable
 
 from flask import Flask
-from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.workers import gasgi
 
 from asyncproc.api.clients import is_trusted_proxy
+from asyncproc.api.gunicorn_adapter import http1_protocol
 from asyncproc.config import Settings
 from asyncproc.errors import HTTP_CODES, AsyncprocError, BodyTooLarge, RequestTimeout, error_body
 from asyncproc.waiting import Parked
@@ -74,6 +81,10 @@ class WsgiBridge:
             return
         headers = [(name, value) for name, value in headers if name != b"content-length"]
         await _send_parked(receive, send, status, headers, parked)
+
+    def stop_waiting(self) -> None:
+        """The server is stopping: answer every parked client now, and any later one at once."""
+        self.app.extensions["asyncproc"].waiters.stop_waiting()
 
     async def _read_body(self, receive, headers: list[tuple[bytes, bytes]]) -> bytes:
         declared = dict(headers).get(b"content-length", b"")
@@ -198,102 +209,257 @@ def _environ(scope: dict, body: bytes) -> dict:
     return environ
 
 
-class _Protocol(gunicorn_protocol.ASGIProtocol):
-    """gunicorn's connection handler, with our limits on slow and numerous clients."""
+def error_response(status: int, message: str, extra_headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A whole HTTP/1.1 answer, in the JSON shape of every other error, to a
+    request refused before it reached the app; the connection closes after it."""
+    body = json.dumps(error_body(HTTP_CODES.get(status, "http_error"), message)).encode()
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
 
-    _address: str | None = None
-    _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        settings: Settings = self.worker.app.settings
+class _Connections:
+    """The connections of one worker process: their limits, and which are open."""
+
+    def __init__(self, worker: Worker, settings: Settings):
+        self.worker = worker
+        self.settings = settings
+        self.by_address: Counter[str] = Counter()
+        self.open: set[_Connection] = set()
+        self.none_open = asyncio.Event()
+        self.none_open.set()
+
+    def new(self) -> _Connection:
+        return _Connection(self)
+
+
+class HeadersEnd:
+    """Finds where the headers of a connection's first request end, fed its bytes as they arrive.
+
+    They end at the first empty line after the request line. A bare LF counts
+    as a line's end too, as a parser may accept it (RFC 9112 section 2.2): this
+    never finds their end later than gunicorn's parser does, so the header
+    timeout never answers a request that is being served. Empty lines before
+    the request line end nothing (ibid.).
+    """
+
+    def __init__(self) -> None:
+        self._request_started = False
+        self._last_bytes = b""
+
+    def found_in(self, data: bytes) -> bool:
+        """Whether the headers end in `data`, the bytes that follow those fed before."""
+        if not self._request_started:
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return False
+            self._request_started = True
+        seen = self._last_bytes + data
+        if b"\n\n" in seen or b"\n\r\n" in seen:
+            return True
+        self._last_bytes = seen[-2:]
+        return False
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: gunicorn's HTTP/1 protocol inside our limits on slow and numerous clients.
+
+    gunicorn's protocol is an asyncio.Protocol, and is driven here only through
+    that interface: what it reads, writes and keeps is its own business.
+    """
+
+    def __init__(self, connections: _Connections):
+        self._connections = connections
+        self._transport: asyncio.Transport | None = None
+        self._http: asyncio.Protocol | None = None
+        self._address: str | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_end = HeadersEnd()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        connections = self._connections
+        connections.open.add(self)
+        connections.none_open.clear()
+        settings = connections.settings
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else None
         if address is not None and not is_trusted_proxy(address, settings.trusted_proxies):
             self._address = address
-            counts: Counter[str] = self.worker.connections_by_address
-            counts[address] += 1
-            if counts[address] > settings.max_connections_per_address:
-                self._send_error_response(429, f"Too many connections from {address}")
-                self._close_transport()
+            connections.by_address[address] += 1
+            if connections.by_address[address] > settings.max_connections_per_address:
+                # Refused before gunicorn ever sees it: it holds nothing of gunicorn's.
+                self._refuse(429, f"Too many connections from {address}")
                 return
-        self._header_timer = self.worker.loop.call_later(settings.header_timeout_seconds, self._headers_too_slow)
+        self._http = http1_protocol(connections.worker, error_response)
+        self._http.connection_made(transport)
+        self._header_timer = asyncio.get_running_loop().call_later(
+            settings.header_timeout_seconds, self._headers_too_slow
+        )
 
-    def _on_headers_complete(self):
-        if self._header_timer is not None:
+    def data_received(self, data: bytes) -> None:
+        if self._http is None:
+            return
+        if self._header_timer is not None and self._headers_end.found_in(data):
             self._header_timer.cancel()
             self._header_timer = None
-        return super()._on_headers_complete()
+        self._http.data_received(data)
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if self._current_request is None and not self._closed:
-            self._send_error_response(408, "The request headers did not arrive in time")
-            self._close_transport()
-            # Let the connection's task see that it is closed.
-            self._request_ready.set()
+        timeout = self._connections.settings.header_timeout_seconds
+        self._refuse(408, f"The request headers did not arrive within {timeout:g}s")
 
-    def connection_lost(self, exc) -> None:
+    def _refuse(self, status: int, message: str) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(error_response(status, message))
+        # As gunicorn closes after its own errors: the answer goes out before the FIN.
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.close()
+
+    def eof_received(self) -> bool | None:
+        return self._http.eof_received() if self._http is not None else None
+
+    def pause_writing(self) -> None:
+        if self._http is not None:
+            self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._http is not None:
+            self._http.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        connections = self._connections
         if self._address is not None:
-            counts: Counter[str] = self.worker.connections_by_address
-            counts[self._address] -= 1
-            if counts[self._address] <= 0:
-                del counts[self._address]
+            connections.by_address[self._address] -= 1
+            if connections.by_address[self._address] <= 0:
+                del connections.by_address[self._address]
             self._address = None
-        super().connection_lost(exc)
+        connections.open.discard(self)
+        if not connections.open:
+            connections.none_open.set()
+        if self._http is not None:
+            self._http.connection_lost(exc)
 
-    def _send_error_response(self, status, message, extra_headers=()) -> None:
-        # gunicorn's own answers (a malformed request line, headers too large)
-        # in the JSON shape of every other error.
-        body = json.dumps(error_body(HTTP_CODES.get(status, "http_error"), message)).encode()
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Error"
-        extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"{extra}"
-            "Connection: close\r\n\r\n"
-        )
-        self._safe_write(head.encode("latin-1") + body)
+
+# How often a worker tells gunicorn's arbiter it is alive, and looks for a stop
+# it was not signalled (max_requests reached, the arbiter gone).
+HEARTBEAT_SECONDS = 1.0
 
 
 class Worker(gasgi.ASGIWorker):
-    """gunicorn's asyncio worker, serving each connection with _Protocol."""
+    """gunicorn's asyncio worker, serving its connections as _Connection.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.connections_by_address: Counter[str] = Counter()
+    It keeps gunicorn's set-up of the process (event loop, application) and
+    overrides the two methods gunicorn's base worker leaves to its subclasses:
+    `init_signals` and `run`, the main loop.
+    """
 
-    async def _shutdown(self) -> None:
+    def init_signals(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        # Double underscores: gunicorn's own attributes, present or future, cannot clash with ours.
+        self.__stopping = asyncio.Event()
+        self.__hurrying = asyncio.Event()
+        # As gunicorn's arbiter means them: TERM stops gracefully, INT and QUIT at once.
+        self.loop.add_signal_handler(signal.SIGTERM, self.__stop, False)
+        self.loop.add_signal_handler(signal.SIGINT, self.__stop, True)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.__stop, True)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.log.reopen_files)
+        self.loop.add_signal_handler(signal.SIGABRT, self.__abort)
+
+    def __stop(self, hurry: bool) -> None:
+        was_alive = self.alive
+        self.alive = False
+        self.__stopping.set()
+        if hurry:
+            self.__hurrying.set()
+            if was_alive:
+                self.cfg.worker_int(self)
+
+    def __abort(self) -> None:
+        # The arbiter found this worker silent past its timeout.
+        self.alive = False
+        self.cfg.worker_abort(self)
+        sys.exit(1)
+
+    def run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.__serve())
+        except Exception:
+            self.log.exception("Worker exception")
+        finally:
+            self.__close()
+
+    async def __serve(self) -> None:
+        bridge: WsgiBridge = self.app.wsgi()
+        connections = _Connections(self, self.app.settings)
+        servers = []
+        for listener in self.sockets:
+            # Every worker process waits on the one listening socket, and asyncio accepts
+            # up to `backlog` waiting connections each time it wakes: the first process to
+            # wake took them all (16 keep-alive clients: 16 on one process, none on the
+            # other, which idled while the first ran out of CPU). Accepting one per wake
+            # gives the other processes a chance at the next. The kernel's accept queue
+            # keeps its configured length: listen() again after asyncio's own.
+            servers.append(await self.loop.create_server(connections.new, sock=listener.sock, backlog=1))
+            listener.sock.listen(self.cfg.backlog)
+            self.log.info("ASGI server listening on %s", listener)
+        while self.alive:
+            self.notify()
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT_SECONDS):
+                    await self.__stopping.wait()
+        self.log.info("Worker shutting down...")
         # Parked clients would hold the graceful shutdown to its timeout: answer them first.
-        self.asgi.app.extensions["asyncproc"].waiters.stop_waiting()
-        await super()._shutdown()
+        bridge.stop_waiting()
+        for server in servers:
+            server.close()
+        if connections.open and not self.__hurrying.is_set():
+            self.log.info("Waiting for %d connections to finish...", len(connections.open))
+            finished = await _first_of(
+                connections.none_open.wait(), self.__hurrying.wait(), timeout=self.cfg.graceful_timeout
+            )
+            if not finished:
+                self.log.warning("Forcing close of %d connections", len(connections.open))
 
-    def init_process(self) -> None:
-        # The worker builds its connections from this module-level name; it has no setting for it.
-        gasgi.ASGIProtocol = _Protocol
-        super().init_process()
+    def __close(self) -> None:
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(
+                asyncio.wait(pending, timeout=1.0 if self.__hurrying.is_set() else None)
+            )
+        self.loop.close()
+        for listener in self.sockets:
+            listener.close()
 
-    async def _serve(self) -> None:
-        # Every worker process waits on the one listening socket, and asyncio accepts
-        # up to `backlog` waiting connections each time it wakes: the first process to
-        # wake took them all (16 keep-alive clients: 16 on one process, none on the
-        # other, which idled while the first ran out of CPU). Accepting one per wake
-        # gives the other processes a chance at the next. The kernel's accept queue
-        # keeps its configured length: listen() again after asyncio's own.
-        create_server = self.loop.create_server
 
-        async def accepting_one_per_wake(*args: Any, **kwargs: Any) -> asyncio.AbstractServer:
-            server = await create_server(*args, **kwargs, backlog=1)
-            kwargs["sock"].listen(self.cfg.backlog)
-            return server
-
-        self.loop.create_server = accepting_one_per_wake
-        await super()._serve()
+async def _first_of(*awaitables: Awaitable[Any], timeout: float) -> bool:
+    """Wait until one of `awaitables` is done, at most `timeout`; whether one was."""
+    waiting = {asyncio.ensure_future(awaitable) for awaitable in awaitables}
+    done, pending = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for future in pending:
+        future.cancel()
+    await asyncio.wait(waiting)
+    return bool(done)

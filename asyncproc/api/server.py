@@ -26,7 +26,6 @@ class ApiServer(BaseApplication):
             # One event loop per process holds every connection, slow or waiting;
             # Flask runs on ASYNCPROC_API_THREADS threads (asyncproc.api.asgi).
             "worker_class": "asyncproc.api.asgi.Worker",
-            "asgi_lifespan": "off",
             "timeout": 30,
             "graceful_timeout": 10,
             "keepalive": 5,

@@ -1,5 +1,5 @@
 """The API's gunicorn processes share the clients: a burst of keep-alive connections no longer lands on one
-process while the other idles (asyncproc/api/asgi.py, Worker._serve)."""
+process while the other idles (asyncproc/api/asgi.py, Worker.run: one connection accepted per wake)."""
 
 from __future__ import annotations
 
