@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from asyncproc.config import SecondsRange
 from asyncproc.operations import PermanentError, TaskContext, load_user_module, registry
+from worker.forkserver_adapter import close_inherited_alive_pipe
 
 # The cooperative part of a stop: a handler that checks ctx.should_stop() has
 # this long to return before it is killed; a cancel must stop it within 1 s.
@@ -129,10 +130,7 @@ def _die_with_parent() -> None:
     Every child inherits a copy, which would keep the fork server, and so this
     child, alive after the worker's death: the child closes its copy.
     """
-    server = forkserver._forkserver
-    if server._forkserver_alive_fd is not None:
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
+    close_inherited_alive_pipe()
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)

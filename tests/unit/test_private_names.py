@@ -4,14 +4,12 @@ A dependency may rename or drop a private name in any release. So none of our
 classes overrides, reads or sets an underscore name of a class it derives from
 outside our packages; no underscore name is read from an imported module or
 name of theirs; and nothing is assigned into their modules (a class swapped in
-a module is a private name too). The one exception, the private names of
-asyncproc.api.gunicorn_adapter.PRIVATE_NAMES, is checked against the installed
-gunicorn by tests/unit/test_gunicorn_contract.py.
-
-worker/pool.py still reads multiprocessing.forkserver's private state (a
-child closes the fork server's "alive" pipe, which has no public handle):
-until that has an adapter of its own, the scan of sources covers asyncproc/
-only; the classes of both packages are checked.
+a module is a private name too). The exceptions live in one adapter module
+each, and are checked against what is installed: the private names of
+asyncproc.api.gunicorn_adapter.PRIVATE_NAMES by
+tests/unit/test_gunicorn_contract.py, and those of
+worker.forkserver_adapter.PRIVATE_NAMES (multiprocessing's fork server) by
+tests/unit/test_forkserver_contract.py.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from types import ModuleType
 import asyncproc
 import worker
 from asyncproc.api.gunicorn_adapter import PRIVATE_NAMES
+from worker import forkserver_adapter
 
 OURS = ("asyncproc", "worker")
 ROOT = Path(asyncproc.__file__).parent.parent
@@ -35,6 +34,12 @@ UNDERSCORE_NAME = re.compile(r"\b(?:self|cls|super\(\))\.(_(?!_)\w+)")
 ALLOWED = {tuple(name.rsplit(".", 1)) for name in PRIVATE_NAMES}
 # Documented public API despite the underscore.
 PUBLIC = {("os", "_exit")}
+# Module attributes that the fork server's adapter alone may read.
+ADAPTED = {
+    Path(forkserver_adapter.__file__).resolve(): {
+        tuple(name.rsplit(".", 1)) for name in forkserver_adapter.PRIVATE_NAMES
+    },
+}
 
 
 def _ours(name: str) -> bool:
@@ -113,7 +118,7 @@ def _foreign_imports(tree: ast.Module) -> dict[str, object]:
 
 
 def _sources() -> list[Path]:
-    return sorted((ROOT / "asyncproc").rglob("*.py"))
+    return sorted([*(ROOT / "asyncproc").rglob("*.py"), *(ROOT / "worker").rglob("*.py")])
 
 
 def test_no_underscore_name_is_read_from_or_assigned_into_a_dependency():
@@ -122,10 +127,11 @@ def test_no_underscore_name_is_read_from_or_assigned_into_a_dependency():
         tree = ast.parse(path.read_text(), str(path))
         foreign = _foreign_imports(tree)
         where = path.relative_to(ROOT)
+        adapted = ADAPTED.get(path.resolve(), set())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in foreign:
                 if node.attr.startswith("_") and not node.attr.startswith("__") and (
-                    getattr(foreign[node.value.id], "__name__", None), node.attr) not in PUBLIC:
+                    getattr(foreign[node.value.id], "__name__", None), node.attr) not in PUBLIC | adapted:
                     found.append(f"{where}:{node.lineno}: {node.value.id}.{node.attr}")
                 elif isinstance(node.ctx, (ast.Store, ast.Del)) and inspect.ismodule(foreign[node.value.id]):
                     found.append(f"{where}:{node.lineno}: assigns {node.value.id}.{node.attr}")
