@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from asyncproc import migrate
 from tests.conftest import free_port, wait_for
 from tests.e2e.conftest import Service, _healthy, stop_service
 from tests.support import PROJECT_ROOT, package_sources
@@ -72,7 +73,8 @@ def test_the_wheel_migrates_an_empty_database_and_runs_a_task(installed, empty_d
     assert Path(located.stdout.strip()).is_relative_to(installed.parent), located.stdout
 
     migrated = _run([str(installed / "asyncproc"), "migrate"], elsewhere, env, 120)
-    expected = sorted(path.stem for path in (PROJECT_ROOT / "migrations").glob("*.sql"))
+    migrations = PROJECT_ROOT / "migrations"
+    expected = [m.version for m in migrate.discover(migrations)] + [f.name for f in migrate.discover_current_state(migrations)]
     assert migrated.stdout.strip() == f"applied {len(expected)} migration(s): {', '.join(expected)}"
 
     port = free_port()

@@ -18,11 +18,17 @@ from asyncproc.config import Settings
 MIGRATIONS = Settings().migrations_dir
 
 
+def _everything() -> list[str]:
+    """What apply_all applies to an empty database: the versioned migrations, then the current-state files."""
+    return [m.version for m in migrate.discover(MIGRATIONS)] + [f.name for f in migrate.discover_current_state(MIGRATIONS)]
+
+
 def test_all_migrations_build_the_schema_on_an_empty_database(empty_database):
     url = empty_database()
     with db.connect(url) as conn:
         applied = migrate.apply_all(conn, MIGRATIONS)
-        assert applied == [m.version for m in migrate.discover(MIGRATIONS)]
+        assert applied == _everything()
+        assert any(name.startswith("current/") for name in applied)
         tables = {
             row["tablename"]
             for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -31,11 +37,13 @@ def test_all_migrations_build_the_schema_on_an_empty_database(empty_database):
         functions = {row["proname"] for row in conn.execute("SELECT proname FROM pg_proc")}
         assert {"asyncproc_defer_jobs", "asyncproc_sweep", "asyncproc_delete_queued_job"} <= functions
         recorded = [row["version"] for row in conn.execute("SELECT version FROM asyncproc_migrations ORDER BY version")]
-        assert recorded == applied
+        assert recorded == [m.version for m in migrate.discover(MIGRATIONS)]
+        current = [row["name"] for row in conn.execute("SELECT name FROM asyncproc_current_state ORDER BY name")]
+        assert current == [f.name for f in migrate.discover_current_state(MIGRATIONS)]
         assert migrate.apply_all(conn, MIGRATIONS) == []
 
 
-def test_concurrent_runners_apply_each_migration_once(empty_database):
+def test_concurrent_runners_apply_each_migration_and_current_state_file_once(empty_database):
     url = empty_database()
     results: list[list[str]] = []
     errors: list[BaseException] = []
@@ -54,11 +62,12 @@ def test_concurrent_runners_apply_each_migration_once(empty_database):
         thread.join()
     assert errors == []
     everything = sorted(version for result in results for version in result)
-    assert everything == [m.version for m in migrate.discover(MIGRATIONS)]
+    assert everything == sorted(_everything())
 
 
 def test_procrastinate_version_is_the_pinned_one():
-    # migrations/0001 loads this version's schema and 0002 wraps its v1 functions.
+    # migrations/0001 loads this version's schema and migrations/current/20_procrastinate_bridge.sql
+    # wraps its versioned functions.
     assert metadata.version("procrastinate").startswith("3.10.")
 
 
@@ -138,7 +147,7 @@ def test_a_database_at_the_previous_procrastinate_schema_is_upgraded_to_the_inst
         assert upgrades == [f"procrastinate-{step.path.stem}" for step in migrate.procrastinate_migrations()
                             if step.schema_version > "03.03.00_01"]
         assert upgrades, "the previous release's schema should need an upgrade"
-        assert applied[len(upgrades):] == [m.version for m in migrate.discover(MIGRATIONS)][1:]
+        assert applied[len(upgrades):] == _everything()[1:]
         assert migrate.recorded_procrastinate_schema(conn) == migrate.installed_procrastinate_schema()
         assert migrate.apply_all(conn, MIGRATIONS) == []
         upgraded = _procrastinate_objects(conn)

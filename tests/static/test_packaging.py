@@ -3,8 +3,6 @@ top-level migrations/), so these check that the list and the tree agree."""
 
 from __future__ import annotations
 
-from fnmatch import fnmatch
-
 from asyncproc.config import Settings
 from tests.support import PROJECT_ROOT, package_sources, setup_cfg
 
@@ -23,9 +21,13 @@ def test_every_package_in_the_tree_is_installed_and_every_listed_one_exists():
 
 def test_the_migrations_are_package_data_of_the_package_settings_reads():
     sources = package_sources()
-    assert sources["asyncproc.migrations"] == PROJECT_ROOT / "migrations"
+    directory = sources["asyncproc.migrations"]
+    assert directory == PROJECT_ROOT / "migrations"
     patterns = [p.strip() for p in setup_cfg()["options.package_data"]["asyncproc.migrations"].split(",")]
-    migrations = sorted((PROJECT_ROOT / "migrations").glob("*.sql"))
-    assert migrations and all(any(fnmatch(m.name, p) for p in patterns) for m in migrations)
+    # setuptools globs each pattern from the package's directory, where a `*` stays within one directory.
+    packaged = {path for pattern in patterns for path in directory.glob(pattern)}
+    sql = set(directory.rglob("*.sql"))
+    assert sql and packaged == sql, sorted(str(p.relative_to(directory)) for p in sql ^ packaged)
+    assert any(path.parent.name == "current" for path in packaged)
     # The editable install of the checkout resolves the package onto the same directory.
     assert Settings().migrations_dir.resolve() == sources["asyncproc.migrations"]

@@ -1,0 +1,8 @@
+-- Procrastinate's own schema, for the version pinned in setup.cfg (3.10).
+--
+-- The schema is Procrastinate's, so it is not copied here: `asyncproc migrate`
+-- replaces the directive below with the schema shipped in the installed
+-- procrastinate package, after checking that its version matches.
+-- To apply it by hand instead: `procrastinate schema --apply`.
+--
+-- asyncproc:procrastinate-schema 3.10
