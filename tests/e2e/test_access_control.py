@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from typing import Iterator
 
 import pytest
@@ -13,6 +12,7 @@ import requests
 from asyncproc import keys
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
+from tests.support import bearer, new_key
 
 RATE = 0.2
 BURST = 10
@@ -33,14 +33,6 @@ def guarded(tmp_path_factory, database_url) -> Iterator[Service]:
     )
     yield running
     assert stop_service(processes) == [0, 0], f"a process did not exit cleanly; logs in {running.logs}"
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def new_key(conn) -> str:
-    return keys.create(conn, f"e2e-{uuid.uuid4().hex[:12]}")
 
 
 def test_keys_guard_the_api_and_hide_other_keys_tasks(guarded, conn):

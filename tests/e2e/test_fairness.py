@@ -9,7 +9,7 @@ import requests
 
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
-from tests.e2e.test_access_control import bearer, new_key
+from tests.support import bearer, new_key
 
 pytestmark = pytest.mark.e2e
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 from psycopg.types.json import Jsonb
 
 from asyncproc import db
-from tests.integration.test_dispatch import connect
-from tests.integration.test_dispatch import fetch, register_worker, task_row
-from tests.integration.test_tasks_table import insert_task
+from tests.support import connect, fetch, insert_task, register_worker, task_row
 
 
 def complete_many(conn, outcomes: list[tuple[str, int, object]], job_ids: list[int] = ()) -> set[str]:

@@ -13,32 +13,9 @@ from typing import Any, Callable
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
 
-from asyncproc import db
 from tests.conftest import wait_for
-from tests.integration.test_tasks_table import insert_task, jobs_for
-
-
-def connect(url: str, **kwargs: Any) -> psycopg.Connection:
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
-
-
-def register_worker(conn) -> int:
-    return conn.execute("SELECT worker_id FROM procrastinate_register_worker_v1()").fetchone()["worker_id"]
-
-
-def fetch(conn, worker_id: int) -> dict | None:
-    """The worker's fetch, as the worker runs it: one transaction that takes a job and claims its task."""
-    params = {"queues": ["asyncproc"], "worker_id": worker_id, "how_many": 1}
-    return conn.execute(db.query("jobs_fetch"), params).fetchone()
-
-
-def task_row(conn, task_id) -> dict:
-    return conn.execute(
-        "SELECT status, attempts, max_attempts, error_message, priority, scheduled_at FROM tasks WHERE task_id = %s",
-        (task_id,),
-    ).fetchone()
+from tests.support import connect, fetch, insert_task, jobs_for, register_worker, task_row
 
 
 def sweep(conn, stalled_seconds: float = 30) -> dict:

@@ -7,28 +7,10 @@ connections of its own, as several workers would.
 from __future__ import annotations
 
 import threading
-import uuid
 
 import psycopg
 
-from asyncproc import keys
-from tests.integration.test_dispatch import connect, fetch, register_worker
-
-
-def new_owner(conn) -> int:
-    name = f"tenant-{uuid.uuid4().hex[:12]}"
-    keys.create(conn, name)
-    return conn.execute("SELECT id FROM api_keys WHERE name = %s", (name,)).fetchone()["id"]
-
-
-def queue(conn, owner: int | None, count: int = 1, priority: int = 0) -> list[str]:
-    rows = conn.execute(
-        "INSERT INTO tasks (operation, payload, owner, priority)"
-        " SELECT 'compute', jsonb_build_object('n', i), %s, %s FROM generate_series(1, %s) AS i"
-        " RETURNING task_id::text",
-        (owner, priority, count),
-    ).fetchall()
-    return [row["task_id"] for row in rows]
+from tests.support import connect, fetch, new_owner, queue, register_worker
 
 
 def fetched_owner(job: dict) -> int | None:

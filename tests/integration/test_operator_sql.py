@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from tests.integration.test_tasks_table import fail_task, insert_task, jobs_for
+from tests.support import fail_task, insert_task, jobs_for
 
 
 def status_of(conn, task_id) -> str:

@@ -5,19 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-
-def jobs_for(conn, task_id) -> list[dict]:
-    return conn.execute(
-        "SELECT status::text AS status, queueing_lock, args, scheduled_at FROM procrastinate_jobs"
-        " WHERE args->>'task_id' = %s::text ORDER BY id",
-        (task_id,),
-    ).fetchall()
-
-
-def insert_task(conn, operation="compute", payload='{"n": 10}') -> str:
-    return conn.execute(
-        "INSERT INTO tasks (operation, payload) VALUES (%s, %s) RETURNING task_id", (operation, payload)
-    ).fetchone()["task_id"]
+from tests.support import fail_task, insert_task, jobs_for
 
 
 def test_a_plain_insert_queues_exactly_one_job(clean_db):
@@ -112,13 +100,6 @@ def test_operators_cannot_do_the_workers_transitions(clean_db, worker_conn, setu
     with pytest.raises(psycopg.errors.CheckViolation) as raised:
         clean_db.execute("UPDATE tasks SET status = %s WHERE task_id = %s", (forbidden, task_id))
     assert hint in raised.value.diag.message_hint
-
-
-def fail_task(worker_conn, task_id, attempts=1, error="boom"):
-    worker_conn.execute("UPDATE tasks SET status = 'running', attempts = %s WHERE task_id = %s", (attempts, task_id))
-    worker_conn.execute(
-        "UPDATE tasks SET status = 'failed', error_message = %s WHERE task_id = %s", (error, task_id)
-    )
 
 
 def test_retrying_a_failed_task_queues_a_new_job_and_keeps_its_history(clean_db, worker_conn):
