@@ -1,4 +1,4 @@
--- The worker's fetch of Procrastinate jobs (migrations/0015_fair_fetch.sql, 0017_fetch_many.sql).
+-- The worker's fetch of Procrastinate jobs (migrations/current/30_procrastinate_claim_and_fetch.sql).
 
 -- name: jobs_fetch
 -- Up to how_many jobs, in one statement and one commit.

@@ -4,7 +4,7 @@
 
 -- name: metrics_task_counts
 -- Exact counts, totals and histograms per operation, kept by the triggers of
--- migrations/0010_ledger_scale.sql: a few rows per operation, however many
+-- migrations/current/50_ledger_counts.sql: a few rows per operation, however many
 -- tasks there are.
 SELECT operation, pending, running, completed, failed, cancelled,
        enqueued_total, completed_total, failed_total, cancelled_total,

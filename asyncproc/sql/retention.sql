@@ -1,4 +1,4 @@
--- Named queries of the pruner and `asyncproc prune` (migrations/0010_ledger_scale.sql
+-- Named queries of the pruner and `asyncproc prune` (migrations/current/51_retention.sql
 -- holds the functions; docs/retention.md explains them).
 
 -- name: retention_prune

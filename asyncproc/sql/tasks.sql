@@ -46,11 +46,11 @@ SELECT task_id, operation, payload, status, result, error_message, attempts, max
 FROM tasks
 WHERE task_id = %(task_id)s
 
--- The worker's writes go through its functions (migrations/0007), which carry
+-- The worker's writes go through its functions (migrations/current/31_worker_outcomes.sql), which carry
 -- the worker's right to record outcomes, each fenced on the attempt it ran.
 
 -- name: tasks_mark_completed
--- Many outcomes in one statement, each fenced on its attempt (migrations/0014),
+-- Many outcomes in one statement, each fenced on its attempt (migrations/current/31_worker_outcomes.sql),
 -- and their jobs finished with them (0016): the jobs gone come back as finished_jobs.
 SELECT finished_jobs, (task).task_id, (task).operation, (task).payload, (task).status, (task).result,
        (task).error_message, (task).attempts, (task).max_attempts, (task).priority, (task).progress,
@@ -91,7 +91,7 @@ WHERE args->>'task_id' = %(task_id)s::text AND status = 'doing' AND worker_id IS
   AND jsonb_typeof(args->'claimed') = 'object'
 
 -- name: task_attempts
--- The attempts ledger of one task, oldest run first (migrations/0024).
+-- The attempts ledger of one task, oldest run first (migrations/current/60_attempts.sql).
 SELECT attempt, worker_id, host, pid, started_at, finished_at, outcome, error
 FROM asyncproc_attempts
 WHERE task_id = %(task_id)s
