@@ -15,7 +15,7 @@ from typing import Callable, NoReturn
 import psycopg
 
 from asyncproc import contract, db, locate, logs, supervisor
-from asyncproc.config import BIND_EXPECTED, Settings, integer_expected, parse_bind, parse_duration, parse_integer
+from asyncproc.config import BIND_EXPECTED, DatabaseSettings, Settings, integer_expected, parse_bind, parse_duration, parse_integer
 from asyncproc.embedded import EmbeddedError
 from asyncproc.errors import AsyncprocError, ConfigError
 from asyncproc.keys import KeyCommandError
@@ -185,10 +185,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fill_defaults(args: argparse.Namespace, settings: Settings) -> None:
     defaults = {
-        "bind": settings.bind,
-        "concurrency": settings.worker_concurrency,
-        "workers": settings.api_workers,
-        "metrics_port": settings.worker_metrics_port,
+        "bind": settings.api.bind,
+        "concurrency": settings.worker.concurrency,
+        "workers": settings.api.workers,
+        "metrics_port": settings.worker.metrics_port,
     }
     for name, value in defaults.items():
         if getattr(args, name, value) is None:
@@ -213,8 +213,8 @@ def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
     from asyncproc import service
     from asyncproc.cache import ResultCache
 
-    pool = db.open_pool(settings, "asyncproc-cli", 1)
-    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    pool = db.open_pool(settings.db, "asyncproc-cli", 1)
+    cache = ResultCache(settings.cache.url, settings.cache.result_ttl_seconds)
     try:
         if args.command == "cancel":
             print(service.encode_document(service.cancel(pool, cache, args.task_id)).decode())
@@ -227,7 +227,7 @@ def _operator_action(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect_waiting(database_url: str, settings: Settings, seconds: float) -> psycopg.Connection:
+def _connect_waiting(database_url: str, settings: DatabaseSettings, seconds: float) -> psycopg.Connection:
     """A connection, retried until `seconds` have passed: a database that is still starting answers soon."""
     deadline = time.monotonic() + seconds
     while True:
@@ -293,23 +293,23 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from asyncproc import status
 
         print("\n".join(status.service_lines(settings.data_dir)))
-        with db.connect(database_url, settings, "asyncproc-status") as conn:
+        with db.connect(database_url, settings.db, "asyncproc-status") as conn:
             print("\n".join(status.database_lines(conn, database_url)))
         return 0
     if args.command == "migrate":
         from asyncproc import migrate
 
-        with _connect_waiting(database_url, settings, args.wait) as conn:
+        with _connect_waiting(database_url, settings.db, args.wait) as conn:
             applied = migrate.apply_all(conn, settings.migrations_dir)
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         return 0
-    settings = dataclasses.replace(settings, database_url=database_url)
+    settings = dataclasses.replace(settings, db=dataclasses.replace(settings.db, url=database_url))
     if args.command in ("retry", "cancel"):
         return _operator_action(settings, args)
     if args.command == "prune":
         from asyncproc import retention
 
-        return retention.run(settings, dry_run=args.dry_run, out=sys.stdout)
+        return retention.run(settings.db, settings.retention, dry_run=args.dry_run, out=sys.stdout)
     if args.command == "api":
         from asyncproc.api import server
 
@@ -318,19 +318,19 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "keys":
         from asyncproc import keys
 
-        with db.connect(database_url, settings, "asyncproc-keys") as conn:
+        with db.connect(database_url, settings.db, "asyncproc-keys") as conn:
             quota = Quota(**{name: getattr(args, name, None) for name in keys.QUOTA_FIELDS})
             return keys.run(conn, args.keys_command, getattr(args, "name", None), quota, getattr(args, "dashboard", None))
     if args.command == "schedules":
         from asyncproc import schedules
 
         load_user_module(settings.operations_module)
-        with db.connect(database_url, settings, "asyncproc-schedules") as conn:
+        with db.connect(database_url, settings.db, "asyncproc-schedules") as conn:
             return schedules.run(conn, args)
     if args.command == "limits":
         from asyncproc import limits
 
-        with db.connect(database_url, settings, "asyncproc-limits") as conn:
+        with db.connect(database_url, settings.db, "asyncproc-limits") as conn:
             return limits.run(conn, args)
     if args.command == "worker":
         from worker import main as worker_main

@@ -2,6 +2,8 @@
 
 Every variable is validated at start-up; a bad value raises ConfigError naming
 the variable, which the CLI prints as one line instead of a traceback.
+Settings holds one frozen group per component (database, cache, API, worker,
+retention, callbacks), so that each component is handed only what it reads.
 """
 
 from __future__ import annotations
@@ -36,62 +38,91 @@ class SecondsRange:
 
 
 @dataclass(frozen=True)
-class Settings:
-    database_url: str | None = None
-    redis_url: str | None = None
-    bind: str = "127.0.0.1:8000"
-    log_level: str = "INFO"
-    log_format: str = "text"
-    # Relative to where a command runs, so that every command run in the
-    # directory of an `asyncproc up` finds its embedded database.
-    data_dir: Path = Path(".asyncproc")
-    migrations_dir: Path = INSTALLED_MIGRATIONS
-    operations_module: str | None = None
-    api_workers: int = 2
-    api_threads: int = 8
-    # The API's CPU priority (nice) below the workers': on a host it shares with
-    # workers, it yields the cores to them under load (docs/deployment.md).
-    api_nice: int = 10
-    max_body_bytes: int = 1024 * 1024
-    db_pool_size: int = 8
-    db_connect_timeout: float = 5.0
+class DatabaseSettings:
+    """How every component connects to PostgreSQL, and the server settings of the API's and the
+    worker's connections (asyncproc/db.py)."""
+
+    url: str | None = None
+    pool_size: int = 8
+    connect_timeout: float = 5.0
     # TCP keepalives and the TCP user timeout notice a silently cut connection.
-    db_keepalives_idle: int = 10
-    db_keepalives_interval: int = 5
-    db_keepalives_count: int = 3
-    db_tcp_user_timeout_ms: int = 15000
+    keepalives_idle: int = 10
+    keepalives_interval: int = 5
+    keepalives_count: int = 3
+    tcp_user_timeout_ms: int = 15000
     # The server cancels an API query running longer than this (0: never).
-    db_statement_timeout_ms: int = 10000
+    statement_timeout_ms: int = 10000
     # A worker's database round trip unanswered this long means its connections are dead.
-    db_response_timeout: float = 10.0
+    response_timeout: float = 10.0
     # A worker statement waits this long at most for a row lock, and runs this long at most.
     worker_lock_timeout_ms: int = 5000
     worker_statement_timeout_ms: int = 60000
-    worker_concurrency: int = 10
-    worker_poll_seconds: float = 1.0
-    shutdown_grace_seconds: float = 30.0
-    stalled_seconds: float = 30.0
-    heartbeat_seconds: float = 10.0
-    retry_backoff_seconds: float = 1.0
-    retry_backoff_max_seconds: float = 300.0
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "DatabaseSettings":
+        default = cls()
+        return cls(
+            url=reader.database_url("DATABASE_URL"),
+            pool_size=reader.integer("ASYNCPROC_DB_POOL_SIZE", default.pool_size, 1, 500),
+            connect_timeout=reader.number("ASYNCPROC_DB_CONNECT_TIMEOUT", default.connect_timeout, 1, 300),
+            keepalives_idle=reader.integer("ASYNCPROC_DB_KEEPALIVES_IDLE", default.keepalives_idle, 1, 3600),
+            keepalives_interval=reader.integer(
+                "ASYNCPROC_DB_KEEPALIVES_INTERVAL", default.keepalives_interval, 1, 600
+            ),
+            keepalives_count=reader.integer("ASYNCPROC_DB_KEEPALIVES_COUNT", default.keepalives_count, 1, 100),
+            tcp_user_timeout_ms=reader.integer(
+                "ASYNCPROC_DB_TCP_USER_TIMEOUT_MS", default.tcp_user_timeout_ms, 1000, 600_000
+            ),
+            statement_timeout_ms=reader.integer(
+                "ASYNCPROC_DB_STATEMENT_TIMEOUT_MS", default.statement_timeout_ms, 0, 3_600_000
+            ),
+            response_timeout=reader.number("ASYNCPROC_DB_RESPONSE_TIMEOUT", default.response_timeout, 0.5, 600),
+            worker_lock_timeout_ms=reader.integer(
+                "ASYNCPROC_WORKER_LOCK_TIMEOUT_MS", default.worker_lock_timeout_ms, 1, 600_000
+            ),
+            worker_statement_timeout_ms=reader.integer(
+                "ASYNCPROC_WORKER_STATEMENT_TIMEOUT_MS", default.worker_statement_timeout_ms, 1000, 3_600_000
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The Redis result cache the API and the worker share (asyncproc/cache.py)."""
+
+    url: str | None = None
     result_ttl_seconds: int = 3600
-    progress_interval_seconds: float = 1.0
-    compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "CacheSettings":
+        default = cls()
+        return cls(
+            url=reader.redis_url("REDIS_URL"),
+            result_ttl_seconds=reader.integer(
+                "ASYNCPROC_RESULT_TTL_SECONDS", default.result_ttl_seconds, 1, 30 * 86400
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The HTTP API: its processes, its limits on clients, and access control."""
+
+    bind: str = "127.0.0.1:8000"
+    workers: int = 2
+    threads: int = 8
+    # The API's CPU priority (nice) below the workers': on a host it shares with
+    # workers, it yields the cores to them under load (docs/deployment.md).
+    nice: int = 10
+    max_body_bytes: int = 1024 * 1024
     auth: str = "off"
     rate_limit_per_second: float | None = None
     rate_limit_burst: int | None = None
     # Per client address, taken before authentication (ASYNCPROC_AUTH=required).
     address_rate_limit_per_second: float | None = None
     address_rate_limit_burst: int | None = None
-    worker_metrics_port: int | None = None
     # "seed": the HTTP layer answers in the seed's contract (asyncproc/api/compat.py).
     compat: str = "off"
-    # A handler's time limit when neither the task nor its operation sets one (0: none).
-    handler_timeout_seconds: float = 600.0
-    # The memory a handler may allocate in its child process; None: no limit.
-    handler_memory_mb: int | None = None
-    # How long a task whose operation no worker knows waits for one that does.
-    unknown_operation_grace_seconds: float = 900.0
     # Waiting clients (?wait, /events) parked on each API process's event loop.
     max_waiters: int = 5000
     max_waiters_per_key: int = 500
@@ -104,116 +135,20 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     # /metrics needs this bearer token when set; without it, it is open only when auth is off.
     metrics_token: str | None = None
-    # How long finished tasks stay in `tasks`; None keeps them for ever (docs/retention.md).
-    retain_completed: timedelta | None = timedelta(days=7)
-    retain_failed: timedelta | None = timedelta(days=30)
-    retain_cancelled: timedelta | None = timedelta(days=7)
-    prune_interval_seconds: float = 60.0
-    prune_batch_size: int = 1000
-    scheduler_poll_seconds: float = 1.0
-    # A scheduled occurrence later than this is skipped (catch_up 'skip').
-    schedule_misfire_seconds: float = 60.0
-    callback_allow: AllowList = field(default_factory=AllowList)
-    # Signs the callbacks of tasks that no API key created (access control off, psql).
-    callback_secret: str | None = None
-    callback_timeout_seconds: float = 10.0
-    # The first retry of a failed delivery waits this long, doubling up to an hour.
-    callback_backoff_seconds: float = 10.0
-    # A delivery still failing this long after the task finished is given up.
-    callback_max_age_seconds: float = 86400.0
-    callback_poll_seconds: float = 1.0
 
     @property
     def auth_required(self) -> bool:
         return self.auth == "required"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if environ is None else environ
-        settings = cls._read(_Reader(env))
-        _check_fencing(settings)
-        return settings
-
-    @classmethod
-    def _read(cls, reader: "_Reader") -> "Settings":
+    def _read(cls, reader: "_Reader") -> "ApiSettings":
         default = cls()
         return cls(
-            database_url=reader.database_url("DATABASE_URL"),
-            redis_url=reader.redis_url("REDIS_URL"),
             bind=reader.bind("ASYNCPROC_BIND", default.bind),
-            log_level=reader.choice(
-                "ASYNCPROC_LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
-            ),
-            log_format=reader.choice("ASYNCPROC_LOG_FORMAT", default.log_format.upper(), ("JSON", "TEXT")).lower(),
-            data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))).resolve(),
-            migrations_dir=Path(
-                reader.text("ASYNCPROC_MIGRATIONS_DIR", str(default.migrations_dir))
-            ),
-            operations_module=reader.text("ASYNCPROC_OPERATIONS_MODULE", None),
-            api_workers=reader.integer("ASYNCPROC_API_WORKERS", default.api_workers, 1, 64),
-            api_threads=reader.integer("ASYNCPROC_API_THREADS", default.api_threads, 1, 256),
-            api_nice=reader.integer("ASYNCPROC_API_NICE", default.api_nice, 0, 19),
-            max_body_bytes=reader.integer(
-                "ASYNCPROC_MAX_BODY_BYTES", default.max_body_bytes, 1024, 1 << 30
-            ),
-            db_pool_size=reader.integer("ASYNCPROC_DB_POOL_SIZE", default.db_pool_size, 1, 500),
-            db_connect_timeout=reader.number(
-                "ASYNCPROC_DB_CONNECT_TIMEOUT", default.db_connect_timeout, 1, 300
-            ),
-            db_keepalives_idle=reader.integer(
-                "ASYNCPROC_DB_KEEPALIVES_IDLE", default.db_keepalives_idle, 1, 3600
-            ),
-            db_keepalives_interval=reader.integer(
-                "ASYNCPROC_DB_KEEPALIVES_INTERVAL", default.db_keepalives_interval, 1, 600
-            ),
-            db_keepalives_count=reader.integer(
-                "ASYNCPROC_DB_KEEPALIVES_COUNT", default.db_keepalives_count, 1, 100
-            ),
-            db_tcp_user_timeout_ms=reader.integer(
-                "ASYNCPROC_DB_TCP_USER_TIMEOUT_MS", default.db_tcp_user_timeout_ms, 1000, 600_000
-            ),
-            db_statement_timeout_ms=reader.integer(
-                "ASYNCPROC_DB_STATEMENT_TIMEOUT_MS", default.db_statement_timeout_ms, 0, 3_600_000
-            ),
-            db_response_timeout=reader.number(
-                "ASYNCPROC_DB_RESPONSE_TIMEOUT", default.db_response_timeout, 0.5, 600
-            ),
-            worker_lock_timeout_ms=reader.integer(
-                "ASYNCPROC_WORKER_LOCK_TIMEOUT_MS", default.worker_lock_timeout_ms, 1, 600_000
-            ),
-            worker_statement_timeout_ms=reader.integer(
-                "ASYNCPROC_WORKER_STATEMENT_TIMEOUT_MS", default.worker_statement_timeout_ms, 1000, 3_600_000
-            ),
-            worker_concurrency=reader.integer(
-                "ASYNCPROC_WORKER_CONCURRENCY", default.worker_concurrency, 1, 1000
-            ),
-            worker_poll_seconds=reader.number(
-                "ASYNCPROC_WORKER_POLL_SECONDS", default.worker_poll_seconds, 0.05, 60
-            ),
-            shutdown_grace_seconds=reader.number(
-                "ASYNCPROC_SHUTDOWN_GRACE_SECONDS", default.shutdown_grace_seconds, 0, 86400
-            ),
-            stalled_seconds=reader.number(
-                "ASYNCPROC_STALLED_SECONDS", default.stalled_seconds, 1, 86400
-            ),
-            heartbeat_seconds=reader.number(
-                "ASYNCPROC_HEARTBEAT_SECONDS", default.heartbeat_seconds, 0.1, 3600
-            ),
-            retry_backoff_seconds=reader.number(
-                "ASYNCPROC_RETRY_BACKOFF_SECONDS", default.retry_backoff_seconds, 0, 3600
-            ),
-            retry_backoff_max_seconds=reader.number(
-                "ASYNCPROC_RETRY_BACKOFF_MAX_SECONDS", default.retry_backoff_max_seconds, 0, 86400
-            ),
-            result_ttl_seconds=reader.integer(
-                "ASYNCPROC_RESULT_TTL_SECONDS", default.result_ttl_seconds, 1, 30 * 86400
-            ),
-            progress_interval_seconds=reader.number(
-                "ASYNCPROC_PROGRESS_INTERVAL_SECONDS", default.progress_interval_seconds, 0, 3600
-            ),
-            compute_seconds=reader.seconds_range(
-                "ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds
-            ),
+            workers=reader.integer("ASYNCPROC_API_WORKERS", default.workers, 1, 64),
+            threads=reader.integer("ASYNCPROC_API_THREADS", default.threads, 1, 256),
+            nice=reader.integer("ASYNCPROC_API_NICE", default.nice, 0, 19),
+            max_body_bytes=reader.integer("ASYNCPROC_MAX_BODY_BYTES", default.max_body_bytes, 1024, 1 << 30),
             auth=reader.choice("ASYNCPROC_AUTH", default.auth.upper(), ("OFF", "REQUIRED")).lower(),
             **reader.rate_limit("rate_limit", "ASYNCPROC_RATE_LIMIT_PER_SECOND", "ASYNCPROC_RATE_LIMIT_BURST"),
             **reader.rate_limit(
@@ -221,22 +156,12 @@ class Settings:
                 "ASYNCPROC_ADDRESS_RATE_LIMIT_PER_SECOND",
                 "ASYNCPROC_ADDRESS_RATE_LIMIT_BURST",
             ),
-            worker_metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
             compat=reader.choice("ASYNCPROC_COMPAT", default.compat.upper(), ("OFF", "SEED")).lower(),
-            handler_timeout_seconds=reader.number(
-                "ASYNCPROC_HANDLER_TIMEOUT_SECONDS", default.handler_timeout_seconds, 0, 7 * 86400
-            ),
-            handler_memory_mb=reader.optional_integer("ASYNCPROC_HANDLER_MEMORY_MB", 16, 1 << 20),
-            unknown_operation_grace_seconds=reader.number(
-                "ASYNCPROC_UNKNOWN_OPERATION_GRACE", default.unknown_operation_grace_seconds, 0, 30 * 86400
-            ),
             max_waiters=reader.integer("ASYNCPROC_MAX_WAITERS", default.max_waiters, 0, 1_000_000),
             max_waiters_per_key=reader.integer(
                 "ASYNCPROC_MAX_WAITERS_PER_KEY", default.max_waiters_per_key, 0, 1_000_000
             ),
-            stream_max_seconds=reader.number(
-                "ASYNCPROC_STREAM_MAX_SECONDS", default.stream_max_seconds, 1, 86400
-            ),
+            stream_max_seconds=reader.number("ASYNCPROC_STREAM_MAX_SECONDS", default.stream_max_seconds, 1, 86400),
             header_timeout_seconds=reader.number(
                 "ASYNCPROC_HEADER_TIMEOUT_SECONDS", default.header_timeout_seconds, 0.1, 3600
             ),
@@ -248,6 +173,85 @@ class Settings:
             ),
             trusted_proxies=reader.networks("ASYNCPROC_TRUSTED_PROXIES"),
             metrics_token=reader.secret("ASYNCPROC_METRICS_TOKEN"),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The worker: its job loop, lease, handlers and scheduler."""
+
+    concurrency: int = 10
+    poll_seconds: float = 1.0
+    shutdown_grace_seconds: float = 30.0
+    stalled_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 300.0
+    progress_interval_seconds: float = 1.0
+    compute_seconds: SecondsRange = field(default_factory=lambda: SecondsRange(0.0, 0.0))
+    metrics_port: int | None = None
+    # A handler's time limit when neither the task nor its operation sets one (0: none).
+    handler_timeout_seconds: float = 600.0
+    # The memory a handler may allocate in its child process; None: no limit.
+    handler_memory_mb: int | None = None
+    # How long a task whose operation no worker knows waits for one that does.
+    unknown_operation_grace_seconds: float = 900.0
+    scheduler_poll_seconds: float = 1.0
+    # A scheduled occurrence later than this is skipped (catch_up 'skip').
+    schedule_misfire_seconds: float = 60.0
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "WorkerSettings":
+        default = cls()
+        return cls(
+            concurrency=reader.integer("ASYNCPROC_WORKER_CONCURRENCY", default.concurrency, 1, 1000),
+            poll_seconds=reader.number("ASYNCPROC_WORKER_POLL_SECONDS", default.poll_seconds, 0.05, 60),
+            shutdown_grace_seconds=reader.number(
+                "ASYNCPROC_SHUTDOWN_GRACE_SECONDS", default.shutdown_grace_seconds, 0, 86400
+            ),
+            stalled_seconds=reader.number("ASYNCPROC_STALLED_SECONDS", default.stalled_seconds, 1, 86400),
+            heartbeat_seconds=reader.number("ASYNCPROC_HEARTBEAT_SECONDS", default.heartbeat_seconds, 0.1, 3600),
+            retry_backoff_seconds=reader.number(
+                "ASYNCPROC_RETRY_BACKOFF_SECONDS", default.retry_backoff_seconds, 0, 3600
+            ),
+            retry_backoff_max_seconds=reader.number(
+                "ASYNCPROC_RETRY_BACKOFF_MAX_SECONDS", default.retry_backoff_max_seconds, 0, 86400
+            ),
+            progress_interval_seconds=reader.number(
+                "ASYNCPROC_PROGRESS_INTERVAL_SECONDS", default.progress_interval_seconds, 0, 3600
+            ),
+            compute_seconds=reader.seconds_range("ASYNCPROC_COMPUTE_SECONDS", default.compute_seconds),
+            metrics_port=reader.optional_integer("ASYNCPROC_WORKER_METRICS_PORT", 1, 65535),
+            handler_timeout_seconds=reader.number(
+                "ASYNCPROC_HANDLER_TIMEOUT_SECONDS", default.handler_timeout_seconds, 0, 7 * 86400
+            ),
+            handler_memory_mb=reader.optional_integer("ASYNCPROC_HANDLER_MEMORY_MB", 16, 1 << 20),
+            unknown_operation_grace_seconds=reader.number(
+                "ASYNCPROC_UNKNOWN_OPERATION_GRACE", default.unknown_operation_grace_seconds, 0, 30 * 86400
+            ),
+            scheduler_poll_seconds=reader.number(
+                "ASYNCPROC_SCHEDULER_POLL_SECONDS", default.scheduler_poll_seconds, 0.05, 60
+            ),
+            schedule_misfire_seconds=reader.number(
+                "ASYNCPROC_SCHEDULE_MISFIRE_SECONDS", default.schedule_misfire_seconds, 0, 86400
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long finished tasks stay in `tasks`; None keeps them for ever (docs/retention.md)."""
+
+    retain_completed: timedelta | None = timedelta(days=7)
+    retain_failed: timedelta | None = timedelta(days=30)
+    retain_cancelled: timedelta | None = timedelta(days=7)
+    prune_interval_seconds: float = 60.0
+    prune_batch_size: int = 1000
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "RetentionSettings":
+        default = cls()
+        return cls(
             retain_completed=reader.retention("ASYNCPROC_RETAIN_COMPLETED", default.retain_completed),
             retain_failed=reader.retention("ASYNCPROC_RETAIN_FAILED", default.retain_failed),
             retain_cancelled=reader.retention("ASYNCPROC_RETAIN_CANCELLED", default.retain_cancelled),
@@ -255,31 +259,87 @@ class Settings:
                 "ASYNCPROC_PRUNE_INTERVAL_SECONDS", default.prune_interval_seconds, 1, 86400
             ),
             prune_batch_size=reader.integer("ASYNCPROC_PRUNE_BATCH_SIZE", default.prune_batch_size, 1, 100_000),
-            scheduler_poll_seconds=reader.number(
-                "ASYNCPROC_SCHEDULER_POLL_SECONDS", default.scheduler_poll_seconds, 0.05, 60
-            ),
-            schedule_misfire_seconds=reader.number(
-                "ASYNCPROC_SCHEDULE_MISFIRE_SECONDS", default.schedule_misfire_seconds, 0, 86400
-            ),
-            callback_allow=reader.allow_list("ASYNCPROC_CALLBACK_ALLOW"),
-            callback_secret=reader.secret("ASYNCPROC_CALLBACK_SECRET"),
-            callback_timeout_seconds=reader.number(
-                "ASYNCPROC_CALLBACK_TIMEOUT_SECONDS", default.callback_timeout_seconds, 0.1, 300
-            ),
-            callback_backoff_seconds=reader.number(
-                "ASYNCPROC_CALLBACK_BACKOFF_SECONDS", default.callback_backoff_seconds, 0.01, 3600
-            ),
-            callback_max_age_seconds=reader.number(
-                "ASYNCPROC_CALLBACK_MAX_AGE_SECONDS", default.callback_max_age_seconds, 1, 7 * 86400
-            ),
-            callback_poll_seconds=reader.number(
-                "ASYNCPROC_CALLBACK_POLL_SECONDS", default.callback_poll_seconds, 0.05, 60
-            ),
         )
 
 
+@dataclass(frozen=True)
+class CallbackSettings:
+    """Webhook delivery (worker/callbacks.py), and the API's checks of a callback URL."""
 
-def _check_fencing(settings: Settings) -> None:
+    allow: AllowList = field(default_factory=AllowList)
+    # Signs the callbacks of tasks that no API key created (access control off, psql).
+    secret: str | None = None
+    timeout_seconds: float = 10.0
+    # The first retry of a failed delivery waits this long, doubling up to an hour.
+    backoff_seconds: float = 10.0
+    # A delivery still failing this long after the task finished is given up.
+    max_age_seconds: float = 86400.0
+    poll_seconds: float = 1.0
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "CallbackSettings":
+        default = cls()
+        return cls(
+            allow=reader.allow_list("ASYNCPROC_CALLBACK_ALLOW"),
+            secret=reader.secret("ASYNCPROC_CALLBACK_SECRET"),
+            timeout_seconds=reader.number("ASYNCPROC_CALLBACK_TIMEOUT_SECONDS", default.timeout_seconds, 0.1, 300),
+            backoff_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_BACKOFF_SECONDS", default.backoff_seconds, 0.01, 3600
+            ),
+            max_age_seconds=reader.number(
+                "ASYNCPROC_CALLBACK_MAX_AGE_SECONDS", default.max_age_seconds, 1, 7 * 86400
+            ),
+            poll_seconds=reader.number("ASYNCPROC_CALLBACK_POLL_SECONDS", default.poll_seconds, 0.05, 60),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every group, read together; each component is handed only the groups it uses."""
+
+    db: DatabaseSettings = field(default_factory=DatabaseSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # Relative to where a command runs, so that every command run in the
+    # directory of an `asyncproc up` finds its embedded database.
+    data_dir: Path = Path(".asyncproc")
+    # The schema the commands that migrate apply (asyncproc migrate, asyncproc up).
+    migrations_dir: Path = INSTALLED_MIGRATIONS
+    operations_module: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        settings = cls._read(_Reader(env))
+        _check_fencing(settings.worker)
+        return settings
+
+    @classmethod
+    def _read(cls, reader: "_Reader") -> "Settings":
+        default = cls()
+        return cls(
+            db=DatabaseSettings._read(reader),
+            cache=CacheSettings._read(reader),
+            api=ApiSettings._read(reader),
+            worker=WorkerSettings._read(reader),
+            retention=RetentionSettings._read(reader),
+            callbacks=CallbackSettings._read(reader),
+            log_level=reader.choice(
+                "ASYNCPROC_LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            log_format=reader.choice("ASYNCPROC_LOG_FORMAT", default.log_format.upper(), ("JSON", "TEXT")).lower(),
+            data_dir=Path(reader.text("ASYNCPROC_DATA_DIR", str(default.data_dir))).resolve(),
+            migrations_dir=Path(reader.text("ASYNCPROC_MIGRATIONS_DIR", str(default.migrations_dir))),
+            operations_module=reader.text("ASYNCPROC_OPERATIONS_MODULE", None),
+        )
+
+
+def _check_fencing(worker: WorkerSettings) -> None:
     """Refuse lease settings under which a worker could still run a task that another worker has taken.
 
     A worker renews its lease every HEARTBEAT seconds and stops its handlers
@@ -288,7 +348,7 @@ def _check_fencing(settings: Settings) -> None:
     renewal (STALLED - HEARTBEAT > HEARTBEAT) and leave a second at least for
     the kill (worker/lease.py).
     """
-    stalled, heartbeat = settings.stalled_seconds, settings.heartbeat_seconds
+    stalled, heartbeat = worker.stalled_seconds, worker.heartbeat_seconds
     if stalled < 2 * heartbeat + 1:
         raise ConfigError(
             f"ASYNCPROC_STALLED_SECONDS={stalled:g} and ASYNCPROC_HEARTBEAT_SECONDS={heartbeat:g} are unsound:"

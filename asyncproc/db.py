@@ -22,7 +22,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 from asyncproc import jsonb
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings
 from asyncproc.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,17 @@ def query(name: str) -> str:
     return queries()[name]
 
 
-def connect_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
+def connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[str, Any]:
     return {
         "application_name": application_name,
-        "connect_timeout": max(1, round(settings.db_connect_timeout)),
+        "connect_timeout": max(1, round(settings.connect_timeout)),
         "keepalives": 1,
-        "keepalives_idle": settings.db_keepalives_idle,
-        "keepalives_interval": settings.db_keepalives_interval,
-        "keepalives_count": settings.db_keepalives_count,
+        "keepalives_idle": settings.keepalives_idle,
+        "keepalives_interval": settings.keepalives_interval,
+        "keepalives_count": settings.keepalives_count,
         # Unacknowledged data on a half-open connection fails after this long,
         # where the kernel default would wait for many minutes.
-        "tcp_user_timeout": settings.db_tcp_user_timeout_ms,
+        "tcp_user_timeout": settings.tcp_user_timeout_ms,
         "row_factory": dict_row,
     }
 
@@ -101,14 +101,14 @@ async def _check_idle_connection_async(conn: psycopg.AsyncConnection[Any]) -> No
 
 
 def _pool_options(
-    settings: Settings, application_name: str, max_size: int, kwargs: dict[str, Any] | None = None
+    settings: DatabaseSettings, application_name: str, max_size: int, kwargs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     return {
-        "conninfo": settings.database_url,
+        "conninfo": settings.url,
         "min_size": 1,
         "max_size": max_size,
         "kwargs": kwargs or connect_kwargs(settings, application_name),
-        "timeout": settings.db_connect_timeout,
+        "timeout": settings.connect_timeout,
         # Keep trying to reconnect for as long as the database is away.
         "reconnect_timeout": 0,
         "open": False,
@@ -116,11 +116,11 @@ def _pool_options(
     }
 
 
-def open_pool(settings: Settings, application_name: str, max_size: int) -> psycopg_pool.ConnectionPool:
+def open_pool(settings: DatabaseSettings, application_name: str, max_size: int) -> psycopg_pool.ConnectionPool:
     """A sync pool that opens in the background: start-up never waits for the database.
 
-    For request handlers: a request waits at most db_connect_timeout for a
-    connection, and the server cancels a query after db_statement_timeout_ms,
+    For request handlers: a request waits at most connect_timeout for a
+    connection, and the server cancels a query after statement_timeout_ms,
     so no request outlives an outage or a stuck query.
     """
     kwargs = connect_kwargs(settings, application_name)
@@ -177,12 +177,12 @@ def sever_connection(conn: psycopg.BaseConnection[Any]) -> bool:
 NO_JIT = "-c jit=off"
 
 
-def api_options(settings: Settings) -> str:
+def api_options(settings: DatabaseSettings) -> str:
     """Server settings of every API connection."""
-    return f"{NO_JIT} -c statement_timeout={settings.db_statement_timeout_ms}"
+    return f"{NO_JIT} -c statement_timeout={settings.statement_timeout_ms}"
 
 
-def worker_options(settings: Settings) -> str:
+def worker_options(settings: DatabaseSettings) -> str:
     """Server settings of every worker connection.
 
     A statement waits at most worker_lock_timeout_ms for a row lock and runs at
@@ -199,7 +199,7 @@ def worker_options(settings: Settings) -> str:
     )
 
 
-def async_pool(settings: Settings, application_name: str, max_size: int) -> SeverableAsyncPool:
+def async_pool(settings: DatabaseSettings, application_name: str, max_size: int) -> SeverableAsyncPool:
     """An unopened async pool for the worker; the caller opens it inside its event loop."""
     kwargs = connect_kwargs(settings, application_name)
     kwargs["options"] = worker_options(settings)
@@ -209,9 +209,9 @@ def async_pool(settings: Settings, application_name: str, max_size: int) -> Seve
     )
 
 
-def connect(database_url: str, settings: Settings | None = None, application_name: str = "asyncproc") -> psycopg.Connection[Any]:
+def connect(database_url: str, settings: DatabaseSettings | None = None, application_name: str = "asyncproc") -> psycopg.Connection[Any]:
     """One standalone connection, for the CLI, migrations and tests."""
-    kwargs = connect_kwargs(settings or Settings(), application_name)
+    kwargs = connect_kwargs(settings or DatabaseSettings(), application_name)
     return psycopg.connect(database_url, autocommit=True, options=NO_JIT, **kwargs)
 
 

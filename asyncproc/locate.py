@@ -14,8 +14,8 @@ EMBEDDED_DATABASE = "asyncproc"
 
 
 def database_url(settings: Settings) -> str:
-    if settings.database_url is not None:
-        return settings.database_url
+    if settings.db.url is not None:
+        return settings.db.url
     url = running_url(settings.data_dir / "postgres", EMBEDDED_DATABASE)
     if url is None:
         raise ConfigError(

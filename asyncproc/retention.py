@@ -19,7 +19,7 @@ import psycopg
 import psycopg_pool
 
 from asyncproc import db
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, RetentionSettings
 from asyncproc.db import query
 from asyncproc.loops import wait_or_stop
 
@@ -48,7 +48,7 @@ class PruneReport:
     busy: bool = False
 
 
-def keep_parameters(settings: Settings) -> dict[str, Any]:
+def keep_parameters(settings: RetentionSettings) -> dict[str, Any]:
     """The retention defaults as query parameters; None (forever) becomes NULL."""
     return {
         "keep_completed": settings.retain_completed,
@@ -57,7 +57,7 @@ def keep_parameters(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def prune_pass(settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> PruneReport:
+async def prune_pass(settings: RetentionSettings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event) -> PruneReport:
     """Prune until nothing is due (or `stopping` is set), compacting every COMPACT_SECONDS on the
     way, then compact the counts and history."""
     report = PruneReport()
@@ -89,7 +89,7 @@ async def compact(pool: psycopg_pool.AsyncConnectionPool) -> None:
         await conn.execute(query("retention_compact"))
 
 
-def due(conn: psycopg.Connection, settings: Settings) -> list[dict[str, Any]]:
+def due(conn: psycopg.Connection, settings: RetentionSettings) -> list[dict[str, Any]]:
     """Per (operation, status): its retention and how many rows a prune would delete now."""
     return conn.execute(query("retention_due"), keep_parameters(settings)).fetchall()
 
@@ -98,16 +98,16 @@ def _keep_text(keep) -> str:
     return "forever" if keep is None else str(keep)
 
 
-def run(settings: Settings, dry_run: bool, out: TextIO) -> int:
+def run(database: DatabaseSettings, settings: RetentionSettings, dry_run: bool, out: TextIO) -> int:
     """`asyncproc prune [--dry-run]`."""
     if dry_run:
-        with db.connect(settings.database_url, settings, "asyncproc-prune") as conn:
+        with db.connect(database.url, database, "asyncproc-prune") as conn:
             rows = due(conn, settings)
         for row in rows:
             print(f"{row['operation']}\t{row['status']}\tkeep {_keep_text(row['keep'])}\t{row['due'] or 0} due", file=out)
         print(f"would prune {sum(row['due'] or 0 for row in rows)} task(s)", file=out)
         return 0
-    report = asyncio.run(_prune_now(settings))
+    report = asyncio.run(_prune_now(database, settings))
     if report.busy:
         print(f"pruned {report.pruned} task(s), then stopped: another session is pruning", file=out)
     else:
@@ -115,8 +115,8 @@ def run(settings: Settings, dry_run: bool, out: TextIO) -> int:
     return 0
 
 
-async def _prune_now(settings: Settings) -> PruneReport:
-    pool = db.async_pool(settings, "asyncproc-prune", 1)
+async def _prune_now(database: DatabaseSettings, settings: RetentionSettings) -> PruneReport:
+    pool = db.async_pool(database, "asyncproc-prune", 1)
     await pool.open(wait=True)
     try:
         return await prune_pass(settings, pool, asyncio.Event())

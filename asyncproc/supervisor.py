@@ -62,7 +62,7 @@ def run(settings: Settings, bind: str, concurrency: int) -> int:
     children: list[subprocess.Popen] = []
     try:
         _check_port_free(bind)
-        database_url = settings.database_url
+        database_url = settings.db.url
         if database_url is None:
             embedded = EmbeddedPostgres(settings.data_dir / "postgres")
             embedded.start()
@@ -81,7 +81,7 @@ def run(settings: Settings, bind: str, concurrency: int) -> int:
             print("  psql: `asyncproc psql` in this directory; other asyncproc commands here find it too", flush=True)
         return _wait(children, signals)
     finally:
-        _stop_children(children, settings.shutdown_grace_seconds + 10, signals)
+        _stop_children(children, settings.worker.shutdown_grace_seconds + 10, signals)
         if embedded is not None:
             embedded.stop()
         lock.release()
@@ -108,7 +108,7 @@ def _check_port_free(bind: str) -> None:
 
 
 def _migrate(settings: Settings, database_url: str) -> None:
-    with db.connect(database_url, settings, "asyncproc-migrate") as conn:
+    with db.connect(database_url, settings.db, "asyncproc-migrate") as conn:
         applied = migrate.apply_all(conn, settings.migrations_dir)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from asyncproc import db
 from asyncproc.cache import ResultCache
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings
 from asyncproc.ledger import FINAL_STATUSES, STATUSES
 from asyncproc.loops import LoopHealth
 
@@ -33,7 +33,7 @@ class Wakeable(Protocol):
 
 
 class TaskEvents:
-    def __init__(self, settings: Settings, cache: ResultCache):
+    def __init__(self, settings: DatabaseSettings, cache: ResultCache):
         self._settings = settings
         self._cache = cache
         self._watchers: dict[UUID, set[Wakeable]] = defaultdict(set)
@@ -105,7 +105,7 @@ class TaskEvents:
         self._connected.clear()
 
     def _listen(self) -> None:
-        with db.connect(self._settings.database_url, self._settings, "asyncproc-api-listener") as conn:
+        with db.connect(self._settings.url, self._settings, "asyncproc-api-listener") as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self._connected.set()
             self.health.succeeded()

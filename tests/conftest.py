@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from asyncproc import db, migrate
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings, WorkerSettings
 from asyncproc.embedded import EmbeddedPostgres, free_port
 from asyncproc.polling import wait_until as wait_for
 
@@ -120,7 +120,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, retry_backoff_seconds=0.05)
+    return Settings(db=DatabaseSettings(url=database_url), worker=WorkerSettings(retry_backoff_seconds=0.05))
 
 
 @pytest.fixture

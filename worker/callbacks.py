@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import psycopg_pool
 import urllib3
 
-from asyncproc.config import Settings
+from asyncproc.config import CallbackSettings
 from asyncproc.db import query
 from asyncproc.ledger import task_from_claim
 from asyncproc.service import encode_document
@@ -43,15 +43,15 @@ class Outcome:
     retry_in: float = 0.0
 
 
-async def deliver_callbacks(settings: Settings, pool: psycopg_pool.AsyncConnectionPool) -> None:
+async def deliver_callbacks(settings: CallbackSettings, pool: psycopg_pool.AsyncConnectionPool) -> None:
     """One step of the delivery loop (supervised in worker/main.py): deliver until none is due."""
     while await deliver_due(settings, pool) == BATCH:
         pass
 
 
-async def deliver_due(settings: Settings, pool: psycopg_pool.AsyncConnectionPool) -> int:
+async def deliver_due(settings: CallbackSettings, pool: psycopg_pool.AsyncConnectionPool) -> int:
     """Deliver up to BATCH due callbacks at once; how many were taken."""
-    lease = settings.callback_timeout_seconds + 30
+    lease = settings.timeout_seconds + 30
     async with pool.connection() as conn:
         cursor = await conn.execute(query("callbacks_claim_due"), {"lease_seconds": lease, "limit": BATCH})
         rows = await cursor.fetchall()
@@ -81,13 +81,13 @@ async def deliver_due(settings: Settings, pool: psycopg_pool.AsyncConnectionPool
     return len(rows)
 
 
-def _deliver(settings: Settings, row: dict[str, Any]) -> Outcome:
+def _deliver(settings: CallbackSettings, row: dict[str, Any]) -> Outcome:
     started = time.monotonic()
-    secret = row["key_secret"] or settings.callback_secret
+    secret = row["key_secret"] or settings.secret
     if secret is None:
         return Outcome("failed", None, "no secret to sign with: the task has no API key and ASYNCPROC_CALLBACK_SECRET is unset", 0)
     try:
-        address = check_resolved(row["url"], settings.callback_allow)
+        address = check_resolved(row["url"], settings.allow)
     except CallbackRefused as exc:
         return Outcome("failed", None, f"refused: {exc}", _ms(started))
     body = encode_document(task_from_claim(row["task"]))
@@ -99,7 +99,7 @@ def _deliver(settings: Settings, row: dict[str, Any]) -> Outcome:
     }
     status = None
     try:
-        status = post_pinned(row["url"], address, body, headers, settings.callback_timeout_seconds)
+        status = post_pinned(row["url"], address, body, headers, settings.timeout_seconds)
         if 200 <= status < 300:
             return Outcome("delivered", status, None, _ms(started))
         error = f"HTTP {status}"
@@ -137,10 +137,10 @@ def post_pinned(url: str, address: IPAddress, body: bytes, headers: dict[str, st
         pool.close()
 
 
-def _retry_or_give_up(settings: Settings, row: dict[str, Any], status: int | None, error: str, duration_ms: int) -> Outcome:
-    delay = min(settings.callback_backoff_seconds * 2 ** (row["attempts"] - 1), MAX_BACKOFF_SECONDS)
+def _retry_or_give_up(settings: CallbackSettings, row: dict[str, Any], status: int | None, error: str, duration_ms: int) -> Outcome:
+    delay = min(settings.backoff_seconds * 2 ** (row["attempts"] - 1), MAX_BACKOFF_SECONDS)
     delay *= random.uniform(0.8, 1.2)
-    give_up_at = row["created_at"] + timedelta(seconds=settings.callback_max_age_seconds)
+    give_up_at = row["created_at"] + timedelta(seconds=settings.max_age_seconds)
     if datetime.now(timezone.utc) + timedelta(seconds=delay) > give_up_at:
         return Outcome("failed", status, f"{error}; gave up after {row['attempts']} attempt(s)", duration_ms)
     return Outcome("pending", status, error, duration_ms, delay)

@@ -38,7 +38,7 @@ from typing import Callable
 import psycopg
 
 from asyncproc import db
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ RETRY_SECONDS = 0.5
 EXIT_LAPSE_SECONDS = 2.0
 
 
-def fence_seconds(settings: Settings) -> float:
+def fence_seconds(settings: WorkerSettings) -> float:
     """How long after the start of its last successful renewal a worker stops its handlers."""
     return settings.stalled_seconds - settings.heartbeat_seconds
 
@@ -58,7 +58,8 @@ class LeaseLost(Exception):
 
 
 class Lease:
-    def __init__(self, settings: Settings, on_fence: Callable[[str], None]):
+    def __init__(self, database: DatabaseSettings, settings: WorkerSettings, on_fence: Callable[[str], None]):
+        self._database = database
         self._settings = settings
         self._on_fence = on_fence
         self._fence_after = fence_seconds(settings)
@@ -238,11 +239,11 @@ class Lease:
         # silently, so the socket is shut down under it, which fails it at once.
         timeout = max(0.1, self._settings.heartbeat_seconds)
         if self._conn is None or self._conn.closed:
-            kwargs = db.connect_kwargs(self._settings, "asyncproc-worker-lease")
+            kwargs = db.connect_kwargs(self._database, "asyncproc-worker-lease")
             kwargs["connect_timeout"] = max(1, math.ceil(timeout))
             timeout_ms = int(timeout * 1000)
             self._conn = psycopg.connect(
-                self._settings.database_url,
+                self._database.url,
                 autocommit=True,
                 options=f"{db.NO_JIT} -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
                 **kwargs,

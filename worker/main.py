@@ -27,7 +27,7 @@ import psycopg_pool
 
 from asyncproc import db, ledger
 from asyncproc.cache import AsyncResultCache
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings, WorkerSettings
 from asyncproc.loops import LoopHealth, run_periodically, wait_or_stop
 from asyncproc.operations import load_user_module, registry
 from worker.app import ABORT_POLL_SECONDS, QUEUE, build_app
@@ -90,7 +90,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         log.error("lease %s: killed %s running handler process(es)", why, killed)
 
     loop = asyncio.get_running_loop()
-    lease = Lease(settings, fence)
+    lease = Lease(settings.db, settings.worker, fence)
     lease.deadline_sinks.append(processes.set_lease_deadline)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -101,11 +101,11 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         log.info("worker stopped before it started")
         return 0
     lease.start()
-    pool = db.async_pool(settings, "asyncproc-worker", min(concurrency, settings.db_pool_size) + 2)
+    pool = db.async_pool(settings.db, "asyncproc-worker", min(concurrency, settings.db.pool_size) + 2)
     await pool.open(wait=False)
-    cache = AsyncResultCache(settings.redis_url, settings.result_ttl_seconds)
+    cache = AsyncResultCache(settings.cache.url, settings.cache.result_ttl_seconds)
     await processes.open()
-    runner = Runner(settings, pool, cache, registry, executor, processes, lease, metrics)
+    runner = Runner(settings.worker, pool, cache, registry, executor, processes, lease, metrics)
     app = build_app(runner, concurrency)
 
     worker_task: asyncio.Task | None = None
@@ -118,7 +118,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         log.info(
             "received %s: finishing running tasks (grace %ss; a second signal stops at once)",
             signal.Signals(signum).name,
-            settings.shutdown_grace_seconds,
+            settings.worker.shutdown_grace_seconds,
         )
         stopping.set()
         runner.shutting_down = True
@@ -130,11 +130,19 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
         loop.add_signal_handler(signum, request_stop, signum)
 
     loops = [
-        (LoopHealth("sweep"), lambda: _sweep(settings, pool), sweep_period(settings)),
-        (LoopHealth("database watchdog"), lambda: _probe_database(settings, pool), settings.heartbeat_seconds),
-        (LoopHealth("ledger upkeep"), LedgerUpkeep(settings, pool, stopping).step, upkeep_period(settings)),
-        (LoopHealth("scheduler"), lambda: enqueue_schedules(settings, pool), settings.scheduler_poll_seconds),
-        (LoopHealth("callbacks"), lambda: deliver_callbacks(settings, pool), settings.callback_poll_seconds),
+        (LoopHealth("sweep"), lambda: _sweep(settings.worker, pool), sweep_period(settings.worker)),
+        (
+            LoopHealth("database watchdog"),
+            lambda: _probe_database(settings.db, pool),
+            settings.worker.heartbeat_seconds,
+        ),
+        (
+            LoopHealth("ledger upkeep"),
+            LedgerUpkeep(settings.retention, pool, stopping).step,
+            upkeep_period(settings.retention),
+        ),
+        (LoopHealth("scheduler"), lambda: enqueue_schedules(settings.worker, pool), settings.worker.scheduler_poll_seconds),
+        (LoopHealth("callbacks"), lambda: deliver_callbacks(settings.callbacks, pool), settings.callbacks.poll_seconds),
     ]
     for health, _, _ in loops:
         metrics.watch_loop(health)
@@ -148,7 +156,7 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     abandoned = 0
     try:
         while not stopping.is_set():
-            worker_task = asyncio.create_task(_run_procrastinate(app, pool, settings, concurrency))
+            worker_task = asyncio.create_task(_run_procrastinate(app, pool, settings.worker, concurrency))
             started = time.monotonic()
             try:
                 await worker_task
@@ -206,7 +214,7 @@ async def _abandon(runner: Runner, pool: db.SeverableAsyncPool, lease: Lease) ->
     return len(job_ids)
 
 
-async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Settings, concurrency: int) -> None:
+async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: WorkerSettings, concurrency: int) -> None:
     async with app.open_async(pool):
         await app.run_worker_async(
             queues=[QUEUE],
@@ -214,7 +222,7 @@ async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Setting
             install_signal_handlers=False,
             delete_jobs="successful",
             listen_notify=True,
-            fetch_job_polling_interval=settings.worker_poll_seconds,
+            fetch_job_polling_interval=settings.poll_seconds,
             abort_job_polling_interval=ABORT_POLL_SECONDS,
             shutdown_graceful_timeout=settings.shutdown_grace_seconds,
             update_heartbeat_interval=settings.heartbeat_seconds,
@@ -222,11 +230,11 @@ async def _run_procrastinate(app, pool: db.SeverableAsyncPool, settings: Setting
         )
 
 
-def sweep_period(settings: Settings) -> float:
+def sweep_period(settings: WorkerSettings) -> float:
     return max(1.0, min(settings.stalled_seconds / 3, 10.0))
 
 
-def stalled_recovery_bound(settings: Settings) -> float:
+def stalled_recovery_bound(settings: WorkerSettings) -> float:
     """The longest a killed worker's task stays `running` while another worker sweeps.
 
     The dead worker's last heartbeat is no older than its death, so it is
@@ -235,7 +243,7 @@ def stalled_recovery_bound(settings: Settings) -> float:
     return settings.stalled_seconds + sweep_period(settings)
 
 
-async def _sweep(settings: Settings, pool: db.SeverableAsyncPool) -> None:
+async def _sweep(settings: WorkerSettings, pool: db.SeverableAsyncPool) -> None:
     async with pool.connection() as conn:
         report = await ledger.tasks_sweep(conn, settings.stalled_seconds)
     if report.requeued or report.failed:
@@ -250,7 +258,7 @@ async def _sweep(settings: Settings, pool: db.SeverableAsyncPool) -> None:
         )
 
 
-async def _probe_database(settings: Settings, pool: db.SeverableAsyncPool) -> None:
+async def _probe_database(settings: DatabaseSettings, pool: db.SeverableAsyncPool) -> None:
     """Break every connection when the database stops answering on them.
 
     A connection cut without a FIN or RST (a dead NAT entry, a partition) leaves
@@ -258,13 +266,13 @@ async def _probe_database(settings: Settings, pool: db.SeverableAsyncPool) -> No
     part of the worker reconnect through its usual error path.
     """
     try:
-        async with asyncio.timeout(settings.db_response_timeout):
+        async with asyncio.timeout(settings.response_timeout):
             async with pool.connection() as conn:
                 await conn.execute("SELECT 1")
     except TimeoutError:
         severed = pool.sever()
         log.warning(
             "the database did not answer within %ss; broke %s connection(s) to reconnect",
-            settings.db_response_timeout,
+            settings.response_timeout,
             severed,
         )

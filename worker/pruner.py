@@ -14,19 +14,19 @@ import time
 import psycopg_pool
 
 from asyncproc import retention
-from asyncproc.config import Settings
+from asyncproc.config import RetentionSettings
 
 log = logging.getLogger(__name__)
 
 
-def upkeep_period(settings: Settings) -> float:
+def upkeep_period(settings: RetentionSettings) -> float:
     return min(retention.COMPACT_SECONDS, settings.prune_interval_seconds)
 
 
 class LedgerUpkeep:
     """One step of the loop: a prune pass (which ends with a compaction) when one is due, else a compaction."""
 
-    def __init__(self, settings: Settings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event):
+    def __init__(self, settings: RetentionSettings, pool: psycopg_pool.AsyncConnectionPool, stopping: asyncio.Event):
         self._settings = settings
         self._pool = pool
         self._stopping = stopping

@@ -18,7 +18,7 @@ import psycopg_pool
 
 from asyncproc import ledger
 from asyncproc.cache import AsyncResultCache, version_of
-from asyncproc.config import Settings
+from asyncproc.config import WorkerSettings
 from asyncproc.ledger import Task
 from asyncproc.logs import request_id_var
 from asyncproc.operations import Operation, PermanentError, Registry, TaskContext
@@ -38,7 +38,7 @@ UNKNOWN_OPERATION_MAX_DELAY_SECONDS = 60.0
 class Runner:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         pool: psycopg_pool.AsyncConnectionPool,
         cache: AsyncResultCache,
         registry: Registry,

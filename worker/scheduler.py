@@ -15,7 +15,7 @@ import psycopg
 import psycopg_pool
 from psycopg.types.json import Jsonb
 
-from asyncproc.config import Settings
+from asyncproc.config import WorkerSettings
 from asyncproc.db import query
 from asyncproc.schedules import Schedule, ScheduleError, due_occurrence
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 BROKEN_RETRY_SECONDS = 60
 
 
-async def enqueue_schedules(settings: Settings, pool: psycopg_pool.AsyncConnectionPool) -> None:
+async def enqueue_schedules(settings: WorkerSettings, pool: psycopg_pool.AsyncConnectionPool) -> None:
     """One step of the scheduler loop (supervised in worker/main.py)."""
     async with pool.connection() as conn:
         enqueued = await enqueue_due(conn, settings.schedule_misfire_seconds)

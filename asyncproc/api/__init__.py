@@ -10,7 +10,7 @@ from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from asyncproc.cache import ResultCache
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, CallbackSettings, Settings, WorkerSettings
 from asyncproc.db import open_pool
 from asyncproc.errors import HTTP_CODES, AsyncprocError, ConfigError, error_body
 from asyncproc.group_commit import GroupCommit
@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Resources:
-    settings: Settings
+    api: ApiSettings
+    # The API checks a task's callback URL when it is submitted.
+    callbacks: CallbackSettings
+    # The dashboard shows the workers' defaults and when a worker counts as alive.
+    worker: WorkerSettings
     pool: psycopg_pool.ConnectionPool
     commits: psycopg_pool.ConnectionPool
     inserts: GroupCommit
@@ -44,25 +48,27 @@ def resources() -> Resources:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API. Call it in each process after fork: it opens the pool."""
     settings = settings or Settings.from_env()
-    if settings.database_url is None:
+    if settings.db.url is None:
         raise ConfigError("DATABASE_URL is not set (asyncproc up sets it for the embedded database)")
     # Operations are known here too, so that unknown ones and bad input are a 422.
     load_user_module(settings.operations_module)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = settings.api.max_body_bytes
     app.json.sort_keys = False
-    cache = ResultCache(settings.redis_url, settings.result_ttl_seconds)
+    cache = ResultCache(settings.cache.url, settings.cache.result_ttl_seconds)
     # One connection per request thread; the waiters' few reads borrow from the same
     # pool, so that waiting adds nothing to docs/deployment.md's connection budget.
-    pool = open_pool(settings, "asyncproc-api", settings.api_threads)
+    pool = open_pool(settings.db, "asyncproc-api", settings.api.threads)
     # The group commit writes one statement at a time, through a connection of
     # its own: a pool hands its idle connections out in turn, so once a burst
     # had opened all of them, each write went through the one idle longest,
     # 0.2-0.3 ms more per POST (docs/performance.md, "Group commit").
-    commits = open_pool(settings, "asyncproc-api", 1)
-    events = TaskEvents(settings, cache).start()
+    commits = open_pool(settings.db, "asyncproc-api", 1)
+    events = TaskEvents(settings.db, cache).start()
     app.extensions["asyncproc"] = Resources(
-        settings=settings,
+        api=settings.api,
+        callbacks=settings.callbacks,
+        worker=settings.worker,
         pool=pool,
         commits=commits,
         inserts=GroupCommit(commits),
@@ -72,9 +78,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             pool,
             cache,
             events,
-            settings.max_waiters,
-            settings.max_waiters_per_key,
-            settings.stream_max_seconds,
+            settings.api.max_waiters,
+            settings.api.max_waiters_per_key,
+            settings.api.stream_max_seconds,
         ),
     )
 
@@ -85,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.init_app(app)
     openapi.init_app(app)
     metrics.init_app(app)
-    compat.init_app(app, settings)
+    compat.init_app(app, settings.api)
     dashboard.init_app(app)
     app.register_error_handler(AsyncprocError, _asyncproc_error)
     app.register_error_handler(HTTPException, _http_error)

@@ -36,7 +36,7 @@ from gunicorn.workers import gasgi
 
 from asyncproc.api.clients import is_trusted_proxy
 from asyncproc.api.gunicorn_adapter import http1_protocol
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings
 from asyncproc.errors import HTTP_CODES, AsyncprocError, BodyTooLarge, RequestTimeout, error_body
 from asyncproc.waiting import Parked
 
@@ -50,11 +50,11 @@ PARKED_KEY = "asyncproc.parked"
 class WsgiBridge:
     """An ASGI application running a WSGI one on a thread pool, with parked responses."""
 
-    def __init__(self, app: Flask, settings: Settings):
+    def __init__(self, app: Flask, settings: ApiSettings):
         self.app = app
         self._max_body = settings.max_body_bytes
         self._body_timeout = settings.body_timeout_seconds
-        self._threads = ThreadPoolExecutor(settings.api_threads, thread_name_prefix="api")
+        self._threads = ThreadPoolExecutor(settings.threads, thread_name_prefix="api")
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
@@ -231,7 +231,7 @@ def error_response(status: int, message: str, extra_headers: Iterable[tuple[str,
 class _Connections:
     """The connections of one worker process: their limits, and which are open."""
 
-    def __init__(self, worker: Worker, settings: Settings):
+    def __init__(self, worker: Worker, settings: ApiSettings):
         self.worker = worker
         self.settings = settings
         self.by_address: Counter[str] = Counter()
@@ -409,7 +409,7 @@ class Worker(gasgi.ASGIWorker):
 
     async def __serve(self) -> None:
         bridge: WsgiBridge = self.app.wsgi()
-        connections = _Connections(self, self.app.settings)
+        connections = _Connections(self, self.app.settings.api)
         servers = []
         for listener in self.sockets:
             # Every worker process waits on the one listening socket, and asyncio accepts

@@ -46,7 +46,7 @@ def client_address() -> str:
     """The client's address, read through ASYNCPROC_TRUSTED_PROXIES."""
     if "client_address" not in g:
         g.client_address = clients.client_address(
-            request.remote_addr, request.headers.get("X-Forwarded-For"), resources().settings.trusted_proxies
+            request.remote_addr, request.headers.get("X-Forwarded-For"), resources().api.trusted_proxies
         )
     return g.client_address
 
@@ -57,7 +57,7 @@ def _admit() -> None:
     if request.endpoint == METRICS_ENDPOINT:
         _admit_scraper()
         return
-    settings = resources().settings
+    settings = resources().api
     if not settings.auth_required:
         if settings.rate_limit_per_second is not None:
             _take_token(f"addr:{client_address()}", settings.rate_limit_per_second, settings.rate_limit_burst)
@@ -76,7 +76,7 @@ def _admit() -> None:
 
 def _admit_scraper() -> None:
     """/metrics: with ASYNCPROC_METRICS_TOKEN only for that token, else only from this host."""
-    token = resources().settings.metrics_token
+    token = resources().api.metrics_token
     if token is None:
         if not clients.is_loopback(client_address()):
             raise Forbidden("/metrics is served to this host only; set ASYNCPROC_METRICS_TOKEN to scrape it remotely")
@@ -101,7 +101,7 @@ def _take_token(bucket: str, rate: float, burst: int) -> None:
     with translate_errors(), resources().pool.connection() as conn:
         decision = ratelimit.take(conn, bucket, rate, burst)
         if _pruning.due():
-            settings = resources().settings
+            settings = resources().api
             ratelimit.prune(
                 conn,
                 [

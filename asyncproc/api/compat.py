@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from flask import Flask, Response, request
 
 from asyncproc.api.asgi import PARKED_KEY
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings
 
 # The seed documents three statuses; a claimed task is still "pending" to it,
 # and a cancelled one did not complete.
@@ -29,7 +29,7 @@ SEED_ENDPOINTS = frozenset({"asyncproc.process", "asyncproc.results", "asyncproc
 TASK_NOT_FOUND = "Task not found"
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: ApiSettings) -> None:
     if settings.compat == "seed":
         app.after_request(_to_seed)
 

@@ -10,14 +10,14 @@ from flask import Flask
 
 from asyncproc import contract
 from asyncproc.api import validation
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings
 from asyncproc.operations import Registry, registry
 
 JSON = "application/json"
 
 
 def init_app(app: Flask) -> None:
-    document = build(app.extensions["asyncproc"].settings, registry)
+    document = build(app.extensions["asyncproc"].api, registry)
     app.add_url_rule("/openapi.json", "openapi", lambda: document)
 
 
@@ -152,7 +152,7 @@ def _schemas(operations: Registry) -> dict[str, Any]:
     return schemas
 
 
-def build(settings: Settings, operations: Registry) -> dict[str, Any]:
+def build(settings: ApiSettings, operations: Registry) -> dict[str, Any]:
     guarded: dict[str, Any] = {}
     if settings.auth_required:
         guarded["401"] = _error(

@@ -12,7 +12,7 @@ from asyncproc import quotas, service
 from asyncproc.api import resources, validation
 from asyncproc.api.asgi import LOOP_KEY, PARKED_KEY
 from asyncproc.api.auth import client_address, current_owner, current_quota
-from asyncproc.config import Settings
+from asyncproc.config import CallbackSettings
 from asyncproc.errors import InvalidRequest, UnsupportedMediaType
 from asyncproc.logs import request_id_var
 from asyncproc.waiting import Parked, run_blocking
@@ -57,7 +57,7 @@ def process():
         idempotency_key=validation.header_token(request.headers.get("Idempotency-Key"), "Idempotency-Key"),
         request_id=g.request_id,
         owner=current_owner(),
-        **_callback_policy(res.settings),
+        **_callback_policy(res.callbacks),
     )
     quotas.check_request(current_quota(), [body])
     task, created = service.enqueue(res.pool, res.inserts, new, current_quota())
@@ -90,7 +90,7 @@ def process_batch():
         body,
         request_id=g.request_id,
         owner=current_owner(),
-        **_callback_policy(res.settings),
+        **_callback_policy(res.callbacks),
     )
     quotas.check_request(current_quota(), body["tasks"])
     task_ids = service.enqueue_batch(res.pool, batch, g.request_id, current_quota())
@@ -103,11 +103,11 @@ def process_batch():
     }, 202
 
 
-def _callback_policy(settings: Settings) -> dict[str, Any]:
+def _callback_policy(callbacks: CallbackSettings) -> dict[str, Any]:
     """Where callbacks may go, and whether this caller's can be signed: with its key's secret or the global one."""
     return {
-        "callback_allow": settings.callback_allow,
-        "can_sign": current_owner() is not None or settings.callback_secret is not None,
+        "callback_allow": callbacks.allow,
+        "can_sign": current_owner() is not None or callbacks.secret is not None,
     }
 
 

@@ -50,7 +50,7 @@ class ApiServer(BaseApplication):
         from asyncproc.api.asgi import WsgiBridge
 
         logs.configure(self.settings.log_level, self.settings.log_format)
-        return WsgiBridge(create_app(self.settings), self.settings)
+        return WsgiBridge(create_app(self.settings), self.settings.api)
 
 
 def _gunicorn_logger(fmt: str) -> type[glogging.Logger]:
@@ -95,7 +95,7 @@ def _yield_cpu_to_workers(nice: int) -> None:
 
 def run(settings: Settings, bind: str, workers: int) -> None:
     _raise_open_files_limit()
-    _yield_cpu_to_workers(settings.api_nice)
+    _yield_cpu_to_workers(settings.api.nice)
     # /metrics must add up every gunicorn process. prometheus_client keeps each
     # process's counters in files under PROMETHEUS_MULTIPROC_DIR, which it reads
     # when it is first imported: in the workers, after this fork. One fresh

@@ -23,7 +23,7 @@ from asyncproc.bench import loadgen, siege
 from asyncproc.bench.harness import Harness
 from asyncproc.polling import wait_until
 from asyncproc.bench.plain_worker import QUEUE as PLAIN_QUEUE, TASK_NAME as PLAIN_TASK
-from asyncproc.config import Settings
+from asyncproc.config import CacheSettings, DatabaseSettings, RetentionSettings, Settings
 
 NOOP_BODY = json.dumps({"operation": "bench.noop"}).encode()
 BARE_INSERT = "INSERT INTO tasks (operation, payload) VALUES ('bench.noop', '{}') RETURNING task_id"
@@ -85,7 +85,7 @@ def _post_latencies(ports: list[int], samples: int) -> list[list[float]]:
 
 def insert_latency(h: Harness, samples: int) -> list[float]:
     latencies = []
-    with db.connect(h.database_url, h.settings, "asyncproc-bench-ref") as conn:
+    with db.connect(h.database_url, h.settings.db, "asyncproc-bench-ref") as conn:
         for index in range(samples + 10):
             start = time.perf_counter()
             conn.execute(BARE_INSERT).fetchone()
@@ -106,7 +106,7 @@ def post_load(h: Harness, connections: int, seconds: float) -> loadgen.LoadResul
 
 
 def insert_load(h: Harness, connections: int, seconds: float) -> loadgen.LoadResult:
-    kwargs = db.connect_kwargs(h.settings, "asyncproc-bench-ref")
+    kwargs = db.connect_kwargs(h.settings.db, "asyncproc-bench-ref")
 
     async def client(conn: psycopg.AsyncConnection, deadline: float, result: loadgen.LoadResult) -> None:
         while time.perf_counter() < deadline:
@@ -166,7 +166,7 @@ def dispatch_latency(h: Harness, samples: int) -> list[float]:
 def dispatch_latency_alternating(services: list[Harness], samples: int) -> list[list[float]]:
     """dispatch_latency() on several services, one task on each in turn; a list per service."""
     latencies: list[list[float]] = [[] for _ in services]
-    conns = [db.connect(h.database_url, h.settings, "asyncproc-bench-ref") for h in services]
+    conns = [db.connect(h.database_url, h.settings.db, "asyncproc-bench-ref") for h in services]
     try:
         for index in range(samples + 3):
             for conn, found in zip(conns, latencies):
@@ -319,13 +319,13 @@ def get_latencies(h: Harness, samples: int) -> dict[str, list[float] | None]:
         if h.redis_url:
             import redis
 
-            cached_app = create_app(Settings(database_url=h.database_url, redis_url=h.redis_url))
+            cached_app = create_app(Settings(db=DatabaseSettings(url=h.database_url), cache=CacheSettings(url=h.redis_url)))
             apps.append(cached_app)
             client = cached_app.test_client()
             found["hit"] = _timed_gets(client, path, samples)
             evict = redis.Redis.from_url(h.redis_url)
             found["miss"] = _timed_gets(client, path, samples, before=lambda: evict.delete(KEY_PREFIX + str(row["task_id"])))
-        plain_app = create_app(Settings(database_url=h.database_url))
+        plain_app = create_app(Settings(db=DatabaseSettings(url=h.database_url)))
         apps.append(plain_app)
         found["off"] = _timed_gets(plain_app.test_client(), path, samples)
     finally:
@@ -411,8 +411,9 @@ class Pruning:
     """The real prune pass (asyncproc.retention) run in a thread, as a worker runs it, for
     the duration of the `with` block and at least `min_seconds`."""
 
-    def __init__(self, h: Harness, settings: Settings, min_seconds: float):
+    def __init__(self, h: Harness, database: DatabaseSettings, settings: RetentionSettings, min_seconds: float):
         self.h = h
+        self.database = database
         self.settings = settings
         self.min_seconds = min_seconds
         self.pruned = 0
@@ -455,7 +456,7 @@ class Pruning:
                 await asyncio.sleep(0.02)
             stopping.set()
 
-        pool = db.async_pool(self.settings, "asyncproc-bench-pruner", 2)
+        pool = db.async_pool(self.database, "asyncproc-bench-pruner", 2)
         await pool.open(wait=True)
         relay = asyncio.create_task(relay_stop())
         try:

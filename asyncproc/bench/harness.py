@@ -44,15 +44,15 @@ class Harness:
         self._redis: subprocess.Popen | None = None
         self._api: subprocess.Popen | None = None
         self.database_url = ""
-        self.redis_url: str | None = settings.redis_url
+        self.redis_url: str | None = settings.cache.url
         self.port = free_port()
         self.conn: psycopg.Connection | None = None
 
     # -- start and stop -------------------------------------------------
 
     def start(self) -> None:
-        if self._server_url is None and self.settings.database_url:
-            self._server_url = self.settings.database_url
+        if self._server_url is None and self.settings.db.url:
+            self._server_url = self.settings.db.url
         elif self._server_url is None:
             # Durable: fsync and synchronous_commit stay on, as in production.
             self._embedded = EmbeddedPostgres(self.workdir / "postgres", durable=True)
@@ -62,7 +62,7 @@ class Harness:
         with psycopg.connect(self._server_url, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         self.database_url = make_conninfo(self._server_url, dbname=name)
-        self.conn = db.connect(self.database_url, self.settings, "asyncproc-bench")
+        self.conn = db.connect(self.database_url, self.settings.db, "asyncproc-bench")
         migrate.apply_all(self.conn, self.settings.migrations_dir)
         if self.redis_url is None and shutil.which("redis-server"):
             self._start_redis()
@@ -77,7 +77,7 @@ class Harness:
         slower slows both alike, where a reference taken minutes earlier differed
         by 20 % from run to run on a shared 2-core machine.
         """
-        twin = Harness(replace(self.settings, redis_url=self.redis_url), self.concurrency, self._server_url)
+        twin = Harness(replace(self.settings, cache=replace(self.settings.cache, url=self.redis_url)), self.concurrency, self._server_url)
         twin.start()
         return twin
 
@@ -102,7 +102,7 @@ class Harness:
         if self._api is not None:
             self.stop([self._api])
         self._api = self._spawn(
-            ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.settings.api_workers)], "api", env
+            ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.settings.api.workers)], "api", env
         )
         wait_until(self._api_answers, START_TIMEOUT_SECONDS, "the API to answer /health", interval=0.1)
 
@@ -130,7 +130,7 @@ class Harness:
             **os.environ,
             "DATABASE_URL": self.database_url,
             "ASYNCPROC_OPERATIONS_MODULE": "asyncproc.bench.operations",
-            "ASYNCPROC_API_THREADS": str(self.settings.api_threads),
+            "ASYNCPROC_API_THREADS": str(self.settings.api.threads),
             "ASYNCPROC_LOG_LEVEL": self.settings.log_level,
             # The workers' pruners would delete figure 11's seeded rows while
             # other figures are measured; the bench prunes when it means to.

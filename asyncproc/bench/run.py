@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from asyncproc.bench import figures
 from asyncproc.bench.harness import Harness
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, RetentionSettings, Settings
 
 MS = 1000.0
 # Figure 12: long polls parked on one task, and clients sending a request a byte at a time.
@@ -104,7 +104,7 @@ class Bench:
         self.out = out
         self.rows: list[Row] = []
         self.setup: list[tuple[str, str]] = []
-        self.h = Harness(settings, settings.worker_concurrency)
+        self.h = Harness(settings, settings.worker.concurrency)
         # Figures 8, 9 and 11 alternate with this second, empty service (Harness.twin).
         self.twin: Harness | None = None
 
@@ -144,10 +144,10 @@ class Bench:
         return [
             ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
             ("python", platform.python_version()),
-            ("postgresql", f"{server} ({'DATABASE_URL' if s.database_url else 'embedded'}; fsync {fsync}, synchronous_commit {sync}, autovacuum {autovacuum})"),
+            ("postgresql", f"{server} ({'DATABASE_URL' if s.db.url else 'embedded'}; fsync {fsync}, synchronous_commit {sync}, autovacuum {autovacuum})"),
             ("procrastinate", metadata.version("procrastinate")),
-            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api_workers} asyncio workers, Flask on {s.api_threads} threads each, nice {s.api_nice}"),
-            ("worker", f"concurrency {s.worker_concurrency} per process"),
+            ("gunicorn", f"{metadata.version('gunicorn')}, {s.api.workers} asyncio workers, Flask on {s.api.threads} threads each, nice {s.api.nice}"),
+            ("worker", f"concurrency {s.worker.concurrency} per process"),
             ("redis", "yes" if self.h.redis_url else "no (cache figures n/a)"),
             ("host cores", str(os.cpu_count())),
             # Other work on the host moves every figure: the load at the start says whether the run had it alone.
@@ -247,7 +247,7 @@ class Bench:
         pooled, threaded = [], []
         try:
             # Children start on first use: a warm pool is what a running worker has.
-            figures.worker_rate(self.h, 5 * self.settings.worker_concurrency, "bench.sync_noop")
+            figures.worker_rate(self.h, 5 * self.settings.worker.concurrency, "bench.sync_noop")
             self.h.reset()
             for _ in range(self.plan.runs):
                 pooled.append(self._drain_once("bench.sync_noop"))
@@ -383,8 +383,8 @@ class Bench:
             scrape = _median_pair(lambda: figures.metrics_latency(self.h, max(10, p.post_samples // 10)), p.runs)
             views = figures.reporting_latencies(self.h, 5)
             slowest = max(views, key=views.get)
-            pruning = figures.Pruning(self.h, replace(Settings(), database_url=self.h.database_url,
-                                                      prune_batch_size=self.settings.prune_batch_size),
+            pruning = figures.Pruning(self.h, DatabaseSettings(url=self.h.database_url),
+                                      RetentionSettings(prune_batch_size=self.settings.retention.prune_batch_size),
                                       p.prune_seconds)
             quiet = _median_pair(lambda: figures.post_latency(self.h, p.post_samples), p.runs)
             quiet_load = figures.post_load(self.h, 16, p.load_seconds)
@@ -402,7 +402,7 @@ class Bench:
                              "< 50 ms", _verdict(views[slowest] < 0.050)))
         self.rows.append(Row(f"{label} prune rate",
                              f"{pruning.rate:,.0f} rows/s ({pruning.pruned:,} in {pruning.seconds:.1f}s, pauses included)",
-                             f"{pruning.busy_rate:,.0f} rows/s inside batches of {self.settings.prune_batch_size:,}", "", ""))
+                             f"{pruning.busy_rate:,.0f} rows/s inside batches of {self.settings.retention.prune_batch_size:,}", "", ""))
         self.rows.append(Row(f"{label} figure 1 while pruning", _lat(busy), "not pruning " + _lat(quiet),
                              "p99 ≤ 2× not pruning", _verdict(busy[1] <= 2 * quiet[1])))
         busy_p99, quiet_p99 = (figures.percentile(r.latencies, 99) for r in (busy_load, quiet_load))

@@ -77,7 +77,7 @@ def viewer() -> tuple[Viewer, bool]:
     """The current viewer, and whether its cookie must be (re)set."""
     stored = _cookie() or {}
     token = stored.get("csrf")
-    if resources().settings.auth_required:
+    if resources().api.auth_required:
         key_id = stored.get("key")
         role = _role_of(key_id) if isinstance(key_id, int) else None
         if role is None or not isinstance(token, str):

@@ -89,7 +89,7 @@ def overview():
         hour = queries.run(conn, "dashboard_throughput", {"since": "1 hour"})
         day = queries.run(conn, "dashboard_throughput", {"since": "24 hours"})
         oldest = queries.run(conn, "dashboard_oldest_pending")
-        workers = queries.run(conn, "dashboard_workers", {"alive_seconds": resources().settings.stalled_seconds})
+        workers = queries.run(conn, "dashboard_workers", {"alive_seconds": resources().worker.stalled_seconds})
     now = _now()
     return _page(
         "overview.html",
@@ -265,15 +265,15 @@ def operations():
             for name in names
         ],
         statuses=STATUSES,
-        settings=resources().settings,
+        worker=resources().worker,
     )
 
 
 @bp.get("/workers")
 def workers():
     with translate_errors(), resources().pool.connection() as conn:
-        found = queries.run(conn, "dashboard_workers", {"alive_seconds": resources().settings.stalled_seconds})
-    return _page("workers.html", workers=found, alive_seconds=resources().settings.stalled_seconds)
+        found = queries.run(conn, "dashboard_workers", {"alive_seconds": resources().worker.stalled_seconds})
+    return _page("workers.html", workers=found, alive_seconds=resources().worker.stalled_seconds)
 
 
 @bp.route("/sign-in", methods=["GET", "POST"])

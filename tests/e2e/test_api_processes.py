@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import requests
 
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
 
@@ -123,7 +123,7 @@ def _api_connections(database_url: str) -> int:
 def test_the_api_opens_no_more_database_connections_than_the_deployment_guide_budgets(api, database_url):
     """docs/deployment.md: ASYNCPROC_API_WORKERS x (ASYNCPROC_API_THREADS + 2) per instance."""
     service, _ = api
-    budget = 2 * (Settings().api_threads + 2)
+    budget = 2 * (ApiSettings().threads + 2)
     stop = threading.Event()
     errors: list[str] = []
 

@@ -43,7 +43,7 @@ def test_a_worker_killed_while_completing_loses_no_outcome(fleet, cluster):
     assert 0 < len(recorded_before) < len(task_ids)
 
     fleet.worker("worker-2", concurrency=20)
-    bound = stalled_recovery_bound(Settings.from_env(fleet.env())) + START_SLACK_SECONDS + 30
+    bound = stalled_recovery_bound(Settings.from_env(fleet.env()).worker) + START_SLACK_SECONDS + 30
     wait_for(lambda: _count(cluster, "completed") == len(task_ids), bound, "every task to complete", interval=0.2)
     final = {
         row["task_id"]: row for row in cluster.query("SELECT task_id::text AS task_id, attempts, result FROM tasks")

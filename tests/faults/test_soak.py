@@ -67,7 +67,7 @@ def test_soak_with_a_killed_worker_and_a_database_outage(fleet, cluster):
     soak_until(1.0, "load to the end of the soak")
     load.stop()
 
-    settings = Settings.from_env(fleet.env())
+    settings = Settings.from_env(fleet.env()).worker
     wait_for(
         lambda: not [row for row in cluster.tasks().values() if row["status"] != "completed"],
         stalled_recovery_bound(settings) + 60,

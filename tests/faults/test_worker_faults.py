@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from asyncproc.config import Settings
+from asyncproc.config import Settings, WorkerSettings
 from tests.conftest import wait_for
 from worker.main import stalled_recovery_bound
 
@@ -18,11 +18,11 @@ START_SLACK_SECONDS = 10
 
 
 def test_by_default_a_killed_workers_task_is_requeued_well_within_a_minute():
-    assert stalled_recovery_bound(Settings()) <= 45
+    assert stalled_recovery_bound(WorkerSettings()) <= 45
 
 
 def test_the_recovery_bound_follows_the_configured_stalled_limit():
-    fast = Settings.from_env({"ASYNCPROC_STALLED_SECONDS": "3", "ASYNCPROC_HEARTBEAT_SECONDS": "1"})
+    fast = Settings.from_env({"ASYNCPROC_STALLED_SECONDS": "3", "ASYNCPROC_HEARTBEAT_SECONDS": "1"}).worker
     assert stalled_recovery_bound(fast) == pytest.approx(4)
 
 
@@ -51,7 +51,7 @@ def test_a_task_whose_worker_is_killed_completes_once_on_another_worker(fleet, c
     assert first.wait(10) == -signal.SIGKILL
     fleet.worker("worker-2")
 
-    bound = stalled_recovery_bound(Settings.from_env(fleet.env())) + 3 + START_SLACK_SECONDS
+    bound = stalled_recovery_bound(Settings.from_env(fleet.env()).worker) + 3 + START_SLACK_SECONDS
     wait_for(_status(cluster, task_id, "completed"), bound, "the task to complete on the second worker", interval=0.2)
     assert cluster.tasks() == {task_id: {"task_id": task_id, "status": "completed", "attempts": 2}}
     body = service.get(task_id).json()

@@ -12,7 +12,7 @@ import pytest
 
 from asyncproc import keys, ratelimit
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 
 from tests.conftest import wait_for
 
@@ -23,7 +23,7 @@ BURST = 3
 @pytest.fixture(scope="module")
 def app(database_url):
     application = create_app(
-        Settings(database_url=database_url, auth="required", rate_limit_per_second=RATE, rate_limit_burst=BURST)
+        Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(auth="required", rate_limit_per_second=RATE, rate_limit_burst=BURST))
     )
     yield application
     application.extensions["asyncproc"].close()

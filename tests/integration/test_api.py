@@ -13,7 +13,7 @@ import redis
 from asyncproc import ledger
 from asyncproc.api import create_app
 from asyncproc.cache import KEY_PREFIX
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, CacheSettings, DatabaseSettings, Settings
 
 from tests.conftest import free_port
 
@@ -22,7 +22,7 @@ UNREACHABLE_DB = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
 
 @pytest.fixture(scope="module")
 def app(database_url, redis_url):
-    application = create_app(Settings(database_url=database_url, redis_url=redis_url, max_body_bytes=8192))
+    application = create_app(Settings(db=DatabaseSettings(url=database_url), cache=CacheSettings(url=redis_url), api=ApiSettings(max_body_bytes=8192)))
     yield application
     application.extensions["asyncproc"].close()
 
@@ -247,7 +247,7 @@ def test_sql_in_a_string_field_is_stored_verbatim_or_rejected_never_run(client, 
 
 
 def test_the_default_body_limit_is_one_mib(database_url, clean_db):
-    app = create_app(Settings(database_url=database_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url)))
     try:
         client = app.test_client()
         envelope = len(body({"data": {"s": ""}}))
@@ -296,10 +296,10 @@ def test_finished_results_are_cached_and_a_hit_never_touches_postgres(client, cl
     first = client.get(f"/results/{task_id}").get_json()
     assert first["status"] == "completed" and first["result"] == 45
     ttl = redis.Redis.from_url(redis_url).ttl(KEY_PREFIX + task_id)
-    assert 0 < ttl <= Settings().result_ttl_seconds
+    assert 0 < ttl <= CacheSettings().result_ttl_seconds
 
     # The same cache in front of a database that cannot be reached.
-    blind = create_app(Settings(database_url=UNREACHABLE_DB, redis_url=redis_url, db_connect_timeout=1))
+    blind = create_app(Settings(db=DatabaseSettings(url=UNREACHABLE_DB, connect_timeout=1), cache=CacheSettings(url=redis_url)))
     try:
         hit = blind.test_client().get(f"/results/{task_id}")
         assert hit.status_code == 200
@@ -318,7 +318,7 @@ def test_pending_results_are_not_cached(client, clean_db, redis_url):
 
 
 def test_without_a_database_the_api_answers_503_json():
-    blind = create_app(Settings(database_url=UNREACHABLE_DB, db_connect_timeout=1))
+    blind = create_app(Settings(db=DatabaseSettings(url=UNREACHABLE_DB, connect_timeout=1)))
     try:
         client = blind.test_client()
         accepted = post(client, {"data": {}})
@@ -333,7 +333,7 @@ def test_without_a_database_the_api_answers_503_json():
 
 def test_with_redis_down_everything_still_works(database_url, clean_db, worker_conn):
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    app = create_app(Settings(database_url=database_url, redis_url=dead_redis))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url), cache=CacheSettings(url=dead_redis)))
     try:
         client = app.test_client()
         task_id = post(client, {"data": {"n": 4}}).get_json()["task_id"]

@@ -8,12 +8,12 @@ import pytest
 
 from asyncproc.api import create_app
 from asyncproc.contract import MAX_BATCH_TASKS
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 
 
 @pytest.fixture(scope="module")
 def app(database_url):
-    application = create_app(Settings(database_url=database_url))
+    application = create_app(Settings(db=DatabaseSettings(url=database_url)))
     yield application
     application.extensions["asyncproc"].pool.close()
 

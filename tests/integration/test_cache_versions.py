@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from asyncproc import service
 from asyncproc.api import create_app
 from asyncproc.cache import ResultCache, version_of
-from asyncproc.config import Settings
+from asyncproc.config import CacheSettings, DatabaseSettings, Settings
 
 from tests.conftest import wait_for
 
@@ -45,7 +45,7 @@ def test_an_invalidation_is_written_while_the_breaker_is_open(redis_url):
 def test_a_retry_from_psql_invalidates_with_its_version_so_a_late_stale_put_is_refused(
     database_url, redis_url, clean_db, worker_conn
 ):
-    app = create_app(Settings(database_url=database_url, redis_url=redis_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url), cache=CacheSettings(url=redis_url)))
     res = app.extensions["asyncproc"]
     try:
         wait_for(lambda: res.events.connected, 10, "the listener")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, CacheSettings, DatabaseSettings, Settings
 from tests.integration.test_api import BAD_REQUESTS, UNREACHABLE_DB, count_tasks, post
 
 
 @pytest.fixture(scope="module")
 def seed_client(database_url, redis_url):
-    app = create_app(Settings(database_url=database_url, redis_url=redis_url, max_body_bytes=8192, compat="seed"))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url), cache=CacheSettings(url=redis_url), api=ApiSettings(max_body_bytes=8192, compat="seed")))
     yield app.test_client()
     app.extensions["asyncproc"].close()
 
@@ -40,7 +40,7 @@ def test_every_bad_request_keeps_its_status_and_carries_only_detail(seed_client,
 
 
 def test_without_a_database_health_is_503_unavailable_and_errors_carry_detail():
-    blind = create_app(Settings(database_url=UNREACHABLE_DB, db_connect_timeout=1, compat="seed"))
+    blind = create_app(Settings(db=DatabaseSettings(url=UNREACHABLE_DB, connect_timeout=1), api=ApiSettings(compat="seed")))
     try:
         client = blind.test_client()
         health = client.get("/health")

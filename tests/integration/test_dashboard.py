@@ -12,15 +12,15 @@ import pytest
 
 from asyncproc import keys
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings, WorkerSettings
 from asyncproc.embedded import find_bindir
 from tests.support import PROJECT_ROOT
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
-def make_app(database_url: str, **settings):
-    return create_app(Settings(database_url=database_url, **settings))
+def make_app(database_url: str, **api):
+    return create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(**api)))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_operations_show_each_ones_limits_and_schema(open_app):
     page = open_app.test_client().get("/dashboard/operations").get_data(as_text=True)
     compute = page[page.index(">compute</a>"):].split("</tr>")[0]
     assert "a process of its own" in compute
-    assert f"{Settings().handler_timeout_seconds} s (default)" in compute
+    assert f"{WorkerSettings().handler_timeout_seconds} s (default)" in compute
     assert "\"n\": {" in compute  # the input schema's property
 
 

@@ -10,7 +10,7 @@ import procrastinate
 from asyncproc import db
 from tests.integration.test_dispatch import fetch, register_worker, task_row
 from tests.integration.test_fairness import new_owner, queue
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, WorkerSettings
 from worker.app import QUEUE, JobManager
 from worker.lease import Lease
 
@@ -63,7 +63,7 @@ def test_the_job_manager_fetches_for_its_free_slots_and_returns_what_it_did_not_
         connector = procrastinate.PsycopgConnector(conninfo=database_url)
         await connector.open_async()
         try:
-            lease = Lease(Settings(database_url=database_url), on_fence=lambda why: None)
+            lease = Lease(DatabaseSettings(url=database_url), WorkerSettings(), on_fence=lambda why: None)
             await asyncio.to_thread(lease.acquire)
             manager = JobManager(connector, concurrency=5, lease=lease, finished=set(), abandoned=set())
             worker_id = await manager.register_worker()

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from asyncproc import db
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings
 from asyncproc.group_commit import GroupCommit
 from asyncproc.ledger import NewTask
 from tests.conftest import wait_for
@@ -19,7 +19,7 @@ from tests.conftest import wait_for
 
 @pytest.fixture
 def pool(database_url) -> Iterator:
-    opened = db.open_pool(Settings(database_url=database_url), "test-group-commit", 1)
+    opened = db.open_pool(DatabaseSettings(url=database_url), "test-group-commit", 1)
     yield opened
     opened.close()
 

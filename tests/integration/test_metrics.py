@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asyncproc import db, migrate
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 from tests.conftest import WORKER_OPTIONS, free_port
 
 
@@ -27,7 +27,7 @@ def idle_database(empty_database) -> str:
 
 @pytest.fixture(scope="module")
 def app(idle_database) -> Iterator[Flask]:
-    application = create_app(Settings(database_url=idle_database))
+    application = create_app(Settings(db=DatabaseSettings(url=idle_database)))
     yield application
     application.extensions["asyncproc"].close()
 
@@ -71,7 +71,7 @@ def test_requests_are_counted_per_route_not_per_path(app):
 
 def test_with_the_database_gone_metrics_still_answer_and_say_so():
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
-    application = create_app(Settings(database_url=unreachable, db_connect_timeout=1))
+    application = create_app(Settings(db=DatabaseSettings(url=unreachable, connect_timeout=1)))
     try:
         samples = scrape(application.test_client())
     finally:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 
 TOKEN = "s3cret-metrics-token-0123456789"
 
 
 def test_without_a_token_metrics_are_for_this_host_only(database_url):
-    app = create_app(Settings(database_url=database_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url)))
     try:
         client = app.test_client()
         assert client.get("/metrics").status_code == 200
@@ -21,7 +21,7 @@ def test_without_a_token_metrics_are_for_this_host_only(database_url):
 
 
 def test_with_a_token_metrics_need_it_and_api_keys_do_not_open_them(database_url):
-    app = create_app(Settings(database_url=database_url, auth="required", metrics_token=TOKEN))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(auth="required", metrics_token=TOKEN)))
     try:
         client = app.test_client()
         assert client.get("/metrics").status_code == 401

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from asyncproc.api import create_app, openapi
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 from asyncproc.operations import registry
 
 CHECKS = [
@@ -37,7 +37,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def app(database_url):
-    application = create_app(Settings(database_url=database_url, max_body_bytes=64 * 1024))
+    application = create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(max_body_bytes=64 * 1024)))
     yield application
     application.extensions["asyncproc"].close()
 
@@ -52,7 +52,7 @@ def api_schema(app):
 # something (the other routes take any string or nothing).
 FUZZ = [
     (path, method, GenerationMode.POSITIVE)
-    for path, item in openapi.build(Settings(), registry)["paths"].items()
+    for path, item in openapi.build(ApiSettings(), registry)["paths"].items()
     for method in item
 ] + [("/process", "post", GenerationMode.NEGATIVE)]
 
@@ -100,7 +100,7 @@ def test_the_document_carries_each_operations_input_schema_and_the_error_shape(a
 
 def test_access_control_and_rate_limits_appear_when_configured(database_url):
     guarded = create_app(
-        Settings(database_url=database_url, auth="required", rate_limit_per_second=5, rate_limit_burst=5)
+        Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(auth="required", rate_limit_per_second=5, rate_limit_burst=5))
     )
     try:
         document = guarded.test_client().get("/openapi.json").get_json()

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from asyncproc import db, ledger, migrate
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 from tests.integration.test_fairness import new_owner
 
 BACKLOG = 100_000
@@ -80,7 +80,7 @@ def explaining(url: str, options: str = "") -> Iterator[tuple[psycopg.Connection
 @pytest.fixture
 def explained(backlog_url) -> Iterator[tuple[psycopg.Connection, Callable[[], list[str]]]]:
     """A connection with the worker's settings (db.worker_options), reporting its plans."""
-    with explaining(backlog_url, db.worker_options(Settings())) as session:
+    with explaining(backlog_url, db.worker_options(DatabaseSettings())) as session:
         yield session
 
 
@@ -272,7 +272,7 @@ def test_no_statement_of_the_service_is_compiled_by_jit(backlog_url, role):
     # At a million pending tasks, analysed, the sweep's reconciliation was costed at ~870k, past
     # jit_above_cost, and PostgreSQL compiled it with LLVM on every sweep: 0.5 s of CPU for a statement
     # that runs in 10 ms (3 s with the worker's load on two cores).
-    options = (db.api_options if role == "api" else db.worker_options)(Settings())
+    options = (db.api_options if role == "api" else db.worker_options)(DatabaseSettings())
     with explaining(backlog_url, options + _COSTED_AS_HUGE) as (conn, plans):
         ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
         conn.execute(db.query("task_get"), {"task_id": _fetch(conn, _new_worker(conn))["args"]["task_id"]})
@@ -287,7 +287,7 @@ def test_a_worker_leaving_or_pruned_unbinds_its_jobs_through_an_index(backlog_ur
     # Deleting a worker sets its jobs' worker_id to NULL (the foreign key's ON DELETE SET NULL), by a
     # query on worker_id alone that Procrastinate's partial index (doing jobs only) cannot serve: every
     # graceful stop, and every stalled worker the sweep prunes, read the whole backlog of jobs.
-    with explaining(backlog_url, db.worker_options(Settings())) as (conn, plans):
+    with explaining(backlog_url, db.worker_options(DatabaseSettings())) as (conn, plans):
         leaving, stalled = _new_worker(conn), _new_worker(conn)
         _fetch(conn, leaving)
         _fetch(conn, stalled)
@@ -347,7 +347,7 @@ def test_the_hot_path_and_the_sweep_use_indexes_under_statistics_that_predate_th
     # reconciliation joined every pending task with every pending task through the status index (over a
     # minute per sweep; the workers' throughput fell to a fifth).
     timeout = " -c statement_timeout=30s"
-    with explaining(stale_url, db.worker_options(Settings()) + timeout) as (conn, plans):
+    with explaining(stale_url, db.worker_options(DatabaseSettings()) + timeout) as (conn, plans):
         ledger.task_insert(conn, ledger.NewTask(operation="compute", payload={"n": 1}, max_attempts=3))
         worker_id = _new_worker(conn)
         jobs = [_fetch(conn, worker_id) for _ in range(3)]

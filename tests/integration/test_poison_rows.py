@@ -7,7 +7,7 @@ import json
 import pytest
 
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import CacheSettings, DatabaseSettings, Settings
 
 BIG_NUMBER = "7" * 5000
 DEEP = "[" * 3000 + "1" + "]" * 3000
@@ -19,7 +19,7 @@ POISON = {
 
 @pytest.fixture(scope="module")
 def client(database_url, redis_url):
-    app = create_app(Settings(database_url=database_url, redis_url=redis_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url), cache=CacheSettings(url=redis_url)))
     yield app.test_client()
     app.extensions["asyncproc"].close()
 

@@ -13,13 +13,13 @@ import pytest
 
 from asyncproc import keys, ratelimit
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 from asyncproc.quotas import Quota
 
 
 @pytest.fixture(scope="module")
 def app(database_url):
-    application = create_app(Settings(database_url=database_url, auth="required"))
+    application = create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(auth="required")))
     yield application
     application.extensions["asyncproc"].close()
 
@@ -71,7 +71,7 @@ def test_a_timeout_seconds_over_the_quota_is_refused():
 
 def test_bad_keys_are_rate_limited_per_address_before_any_key_lookup(database_url, clean_db):
     app = create_app(
-        Settings(database_url=database_url, auth="required", address_rate_limit_per_second=0.01, address_rate_limit_burst=3)
+        Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(auth="required", address_rate_limit_per_second=0.01, address_rate_limit_burst=3))
     )
     try:
         client = app.test_client()
@@ -86,7 +86,7 @@ def test_bad_keys_are_rate_limited_per_address_before_any_key_lookup(database_ur
 
 def test_behind_a_trusted_proxy_the_bucket_is_the_forwarded_client(database_url, clean_db):
     app = create_app(
-        Settings(database_url=database_url, rate_limit_per_second=0.01, rate_limit_burst=1, trusted_proxies=("10.0.0.0/8",))
+        Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(rate_limit_per_second=0.01, rate_limit_burst=1, trusted_proxies=("10.0.0.0/8",)))
     )
     try:
         client = app.test_client()

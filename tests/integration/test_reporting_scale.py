@@ -12,7 +12,7 @@ import json
 import pytest
 
 from asyncproc import db, migrate
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 
 ROWS = 1_000_000
 BUDGET_MS = 200.0
@@ -152,7 +152,7 @@ def test_dashboard_query_never_reads_all_of_tasks(big_ledger, name, params):
 def dashboard_client(big_ledger):
     from asyncproc.api import create_app
 
-    app = create_app(Settings(database_url=big_ledger))
+    app = create_app(Settings(db=DatabaseSettings(url=big_ledger)))
     yield app.test_client()
     app.extensions["asyncproc"].close()
 

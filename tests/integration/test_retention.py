@@ -12,7 +12,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from asyncproc import cli, db, retention
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, RetentionSettings
 from asyncproc.loops import LoopHealth, run_periodically
 from asyncproc.retention import COMPACT_SECONDS
 from tests.support import PROJECT_ROOT
@@ -129,10 +129,11 @@ def test_the_cli_prunes_and_dry_runs(clean_db, database_url, monkeypatch, capsys
 def test_the_workers_pruner_loop_prunes_and_stops_when_asked(clean_db, database_url):
     seed(clean_db, "prune.loop", "cancelled", "8 days", 25)
     seed(clean_db, "prune.loop", "pending", "8 days", 1)
-    settings = Settings(database_url=database_url, prune_batch_size=10, prune_interval_seconds=3600)
+    database = DatabaseSettings(url=database_url)
+    settings = RetentionSettings(prune_batch_size=10, prune_interval_seconds=3600)
 
     async def run() -> None:
-        pool = db.async_pool(settings, "asyncproc-worker", 2)
+        pool = db.async_pool(database, "asyncproc-worker", 2)
         await pool.open(wait=True)
         stopping = asyncio.Event()
         # As worker/main.py runs it.
@@ -163,10 +164,11 @@ def test_the_workers_pruner_loop_prunes_and_stops_when_asked(clean_db, database_
 def test_a_long_prune_pass_keeps_folding_new_changes(clean_db, database_url):
     # A batch of one row at a time: the pass lasts about a minute unless stopped.
     seed(clean_db, "prune.long", "cancelled", "8 days", 2000)
-    settings = Settings(database_url=database_url, prune_batch_size=1)
+    database = DatabaseSettings(url=database_url)
+    settings = RetentionSettings(prune_batch_size=1)
 
     async def run() -> None:
-        pool = db.async_pool(settings, "asyncproc-worker", 2)
+        pool = db.async_pool(database, "asyncproc-worker", 2)
         await pool.open(wait=True)
         stopping = asyncio.Event()
         pruning = asyncio.create_task(retention.prune_pass(settings, pool, stopping))

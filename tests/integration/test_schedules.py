@@ -9,12 +9,12 @@ import psycopg
 import pytest
 
 from asyncproc import cli, db
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings
 from asyncproc.schedules import ScheduleError, Timing, due_occurrence
 from worker.scheduler import enqueue_due
 
 UTC = timezone.utc
-KWARGS = db.connect_kwargs(Settings(), "asyncproc-worker")
+KWARGS = db.connect_kwargs(DatabaseSettings(), "asyncproc-worker")
 
 
 def at(text: str) -> datetime:

@@ -10,7 +10,7 @@ import time
 
 from asyncproc.api import create_app
 from asyncproc.cache import ResultCache
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 from asyncproc.db import open_pool
 from asyncproc.task_events import TaskEvents
 from asyncproc.waiting import Parked, Waiters, run_blocking
@@ -25,7 +25,7 @@ def _events(chunks):
 
 
 def test_a_stream_sees_the_unannounced_claim_within_about_a_second(database_url, clean_db, worker_conn):
-    app = create_app(Settings(database_url=database_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url)))
     res = app.extensions["asyncproc"]
     try:
         wait_for(lambda: res.events.connected, 10, "the listener")
@@ -43,7 +43,7 @@ def test_a_stream_sees_the_unannounced_claim_within_about_a_second(database_url,
 
 
 def test_without_the_listener_a_long_poll_is_answered_by_the_poller(database_url, clean_db, worker_conn):
-    settings = Settings(database_url=database_url)
+    settings = DatabaseSettings(url=database_url)
     cache = ResultCache(None, 60)
     # A listener never started: as if it had lost the database for good.
     events = TaskEvents(settings, cache)

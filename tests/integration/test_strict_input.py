@@ -10,12 +10,12 @@ import pytest
 from flask import Flask
 
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 
 
 @pytest.fixture(scope="module")
 def app(database_url) -> Iterator[Flask]:
-    application = create_app(Settings(database_url=database_url))
+    application = create_app(Settings(db=DatabaseSettings(url=database_url)))
     yield application
     application.extensions["asyncproc"].close()
 

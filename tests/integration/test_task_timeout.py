@@ -8,12 +8,12 @@ import psycopg
 import pytest
 
 from asyncproc.api import create_app
-from asyncproc.config import Settings
+from asyncproc.config import DatabaseSettings, Settings
 
 
 @pytest.fixture(scope="module")
 def client(database_url):
-    app = create_app(Settings(database_url=database_url))
+    app = create_app(Settings(db=DatabaseSettings(url=database_url)))
     yield app.test_client()
     app.extensions["asyncproc"].close()
 

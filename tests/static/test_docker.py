@@ -243,7 +243,7 @@ def test_the_workers_only_file_runs_workers_against_a_required_external_database
     services = yaml.safe_load(interpolate(raw, {"DATABASE_URL": external}))["services"]
     assert set(services) == {"worker"}
     worker = services["worker"]
-    assert Settings.from_env(worker["environment"]).database_url == external
+    assert Settings.from_env(worker["environment"]).db.url == external
     assert "depends_on" not in worker and "ports" not in worker
     shared = compose["services"]["worker"]
     for key in ("command", "healthcheck", "stop_grace_period", "expose"):
@@ -295,7 +295,7 @@ def test_compose_environment_names_real_settings_pointing_at_the_services(compos
         assert service["env_file"] == ".env"
         assert set(service["environment"]) <= set(variable_names())
         settings = Settings.from_env({**active, **service["environment"]})
-        database = conninfo_to_dict(settings.database_url)
+        database = conninfo_to_dict(settings.db.url)
         assert (database["host"], database["port"]) == ("postgres", "5432")
         postgres_env = compose["services"]["postgres"]["environment"]
         assert (database["user"], database["password"], database["dbname"]) == (
@@ -303,7 +303,7 @@ def test_compose_environment_names_real_settings_pointing_at_the_services(compos
             postgres_env["POSTGRES_PASSWORD"],
             postgres_env["POSTGRES_DB"],
         )
-        assert urlsplit(settings.redis_url).hostname == "redis"
+        assert urlsplit(settings.cache.url).hostname == "redis"
 
 
 def test_the_published_api_port_is_the_one_the_image_listens_on(compose, runtime):
@@ -323,7 +323,7 @@ def test_the_worker_health_check_probes_its_metrics_port(compose, runtime):
 
 
 def test_the_worker_gets_longer_to_stop_than_its_shutdown_grace(compose):
-    grace = Settings.from_env(env_example()[0]).shutdown_grace_seconds
+    grace = Settings.from_env(env_example()[0]).worker.shutdown_grace_seconds
     stop = compose["services"]["worker"]["stop_grace_period"]
     assert int(stop.removesuffix("s")) > grace
 

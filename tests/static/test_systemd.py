@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asyncproc.cli import _parser
-from asyncproc.config import Settings
+from asyncproc.config import Settings, WorkerSettings
 from tests.support import PROJECT_ROOT
 
 UNITS = sorted((PROJECT_ROOT / "deploy" / "systemd").glob("*.service"))
@@ -42,7 +42,7 @@ def test_each_unit_runs_a_real_command_with_valid_settings(path):
 def test_the_worker_may_take_longer_to_stop_than_its_grace_period():
     service = _unit(PROJECT_ROOT / "deploy" / "systemd" / "asyncproc-worker@.service")["Service"]
     assert service["KillSignal"] == "SIGTERM"
-    assert int(service["TimeoutStopSec"]) > Settings().shutdown_grace_seconds
+    assert int(service["TimeoutStopSec"]) > WorkerSettings().shutdown_grace_seconds
 
 
 def test_migrate_waits_for_the_database():

@@ -14,12 +14,12 @@ from worker.lease import fence_seconds
 
 def test_defaults_need_no_environment():
     settings = Settings.from_env({})
-    assert settings.database_url is None
-    assert settings.redis_url is None
-    assert settings.bind == "127.0.0.1:8000"
-    assert settings.compute_seconds == SecondsRange(0, 0)
-    assert settings.retry_backoff_seconds == 1.0
-    assert settings.compat == "off"
+    assert settings.db.url is None
+    assert settings.cache.url is None
+    assert settings.api.bind == "127.0.0.1:8000"
+    assert settings.worker.compute_seconds == SecondsRange(0, 0)
+    assert settings.worker.retry_backoff_seconds == 1.0
+    assert settings.api.compat == "off"
 
 
 def test_values_are_read_and_parsed():
@@ -34,12 +34,13 @@ def test_values_are_read_and_parsed():
             "ASYNCPROC_COMPAT": "Seed",
         }
     )
-    assert settings.database_url == "postgresql://db/x"
-    assert settings.bind == "0.0.0.0:9000"
-    assert settings.compute_seconds == SecondsRange(5, 10)
-    assert settings.worker_concurrency == 20
+    assert settings.db.url == "postgresql://db/x"
+    assert settings.cache.url == "redis://r:6379/0"
+    assert settings.api.bind == "0.0.0.0:9000"
+    assert settings.worker.compute_seconds == SecondsRange(5, 10)
+    assert settings.worker.concurrency == 20
     assert settings.log_level == "DEBUG"
-    assert settings.compat == "seed"
+    assert settings.api.compat == "seed"
 
 
 @pytest.mark.parametrize(
@@ -80,17 +81,17 @@ def test_a_bad_value_names_its_variable(name, value):
 
 
 def test_access_control_and_rate_limits_are_off_by_default():
-    settings = Settings.from_env({})
+    settings = Settings.from_env({}).api
     assert settings.auth == "off" and not settings.auth_required
     assert settings.rate_limit_per_second is None and settings.rate_limit_burst is None
 
 
 def test_access_control_and_rate_limits_are_read():
-    settings = Settings.from_env({"ASYNCPROC_AUTH": "Required", "ASYNCPROC_RATE_LIMIT_PER_SECOND": "2.5"})
+    settings = Settings.from_env({"ASYNCPROC_AUTH": "Required", "ASYNCPROC_RATE_LIMIT_PER_SECOND": "2.5"}).api
     assert settings.auth_required
     assert (settings.rate_limit_per_second, settings.rate_limit_burst) == (2.5, 3)
     burst = Settings.from_env({"ASYNCPROC_RATE_LIMIT_PER_SECOND": "1", "ASYNCPROC_RATE_LIMIT_BURST": "20"})
-    assert burst.rate_limit_burst == 20
+    assert burst.api.rate_limit_burst == 20
 
 
 def test_the_cli_reports_a_bad_variable_in_one_line():
@@ -128,8 +129,8 @@ def test_variable_names_lists_every_variable_read_once():
 
 def test_log_format_and_worker_metrics_port_are_read():
     settings = Settings.from_env({"ASYNCPROC_LOG_FORMAT": "JSON", "ASYNCPROC_WORKER_METRICS_PORT": "9100"})
-    assert (settings.log_format, settings.worker_metrics_port) == ("json", 9100)
-    assert (Settings().log_format, Settings().worker_metrics_port) == ("text", None)
+    assert (settings.log_format, settings.worker.metrics_port) == ("json", 9100)
+    assert (Settings().log_format, Settings().worker.metrics_port) == ("text", None)
 
 
 def test_database_timeouts_are_read_and_reach_the_connections():
@@ -142,11 +143,11 @@ def test_database_timeouts_are_read_and_reach_the_connections():
             "ASYNCPROC_DB_STATEMENT_TIMEOUT_MS": "0",
             "ASYNCPROC_DB_RESPONSE_TIMEOUT": "2.5",
         }
-    )
+    ).db
     kwargs = connect_kwargs(settings, "test")
     assert (kwargs["tcp_user_timeout"], kwargs["keepalives_idle"], kwargs["keepalives_interval"], kwargs["keepalives_count"]) == (4000, 2, 1, 2)
-    assert settings.db_statement_timeout_ms == 0
-    assert settings.db_response_timeout == 2.5
+    assert settings.statement_timeout_ms == 0
+    assert settings.response_timeout == 2.5
 
 
 @pytest.mark.parametrize(
@@ -171,21 +172,21 @@ def test_handler_limits_and_the_unknown_operation_grace_are_read():
             "ASYNCPROC_HANDLER_MEMORY_MB": "512",
             "ASYNCPROC_UNKNOWN_OPERATION_GRACE": "60",
         }
-    )
+    ).worker
     assert (settings.handler_timeout_seconds, settings.handler_memory_mb) == (30, 512)
     assert settings.unknown_operation_grace_seconds == 60
-    default = Settings.from_env({})
+    default = Settings.from_env({}).worker
     assert (default.handler_timeout_seconds, default.handler_memory_mb) == (600, None)
     assert default.unknown_operation_grace_seconds == 900
 
 
 def test_retention_defaults_and_durations():
-    default = Settings.from_env({})
+    default = Settings.from_env({}).retention
     assert (default.retain_completed, default.retain_failed, default.retain_cancelled) == (
         timedelta(days=7), timedelta(days=30), timedelta(days=7))
     settings = Settings.from_env(
         {"ASYNCPROC_RETAIN_COMPLETED": "36h", "ASYNCPROC_RETAIN_FAILED": "forever", "ASYNCPROC_RETAIN_CANCELLED": "2w"}
-    )
+    ).retention
     assert settings.retain_completed == timedelta(hours=36)
     assert settings.retain_failed is None
     assert settings.retain_cancelled == timedelta(days=14)
@@ -204,11 +205,11 @@ def test_lease_settings_that_cannot_fence_in_time_are_refused_naming_both(stalle
 
 
 def test_the_default_lease_settings_are_sound_and_fence_before_any_takeover():
-    settings = Settings.from_env({})
+    settings = Settings.from_env({}).worker
     fence = fence_seconds(settings)
     # One missed renewal fits before the fence, and the fence comes a heartbeat before the takeover.
     assert settings.heartbeat_seconds < fence <= settings.stalled_seconds - 1
-    assert Settings.from_env({"ASYNCPROC_STALLED_SECONDS": "3", "ASYNCPROC_HEARTBEAT_SECONDS": "1"}).stalled_seconds == 3
+    assert Settings.from_env({"ASYNCPROC_STALLED_SECONDS": "3", "ASYNCPROC_HEARTBEAT_SECONDS": "1"}).worker.stalled_seconds == 3
 
 
 def test_the_worker_refuses_unsound_lease_settings_in_one_line():

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from asyncproc.config import SecondsRange, Settings
+from asyncproc.config import SecondsRange, WorkerSettings
 from asyncproc.ledger import Task
 from asyncproc.operations import InvalidInput, Operation, PermanentError, Registry, Stopped, TaskContext, registry
 from worker.runner import Runner
@@ -162,7 +162,7 @@ def test_a_name_cannot_be_taken_twice():
 
 
 def test_backoff_doubles_from_the_base_and_is_capped():
-    runner = Runner(Settings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None, None, None)
+    runner = Runner(WorkerSettings(retry_backoff_seconds=1, retry_backoff_max_seconds=10), None, None, registry, None, None, None)
     for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
         assert 0.8 * base <= runner.backoff(attempt) <= 1.2 * base
 
@@ -254,6 +254,6 @@ def _task(timeout_seconds):
 def test_a_tasks_time_limit_comes_from_the_task_then_its_operation_then_the_default(
     task_limit, operation_limit, default, expected
 ):
-    runner = Runner(Settings(handler_timeout_seconds=default), None, None, registry, None, None, None)
+    runner = Runner(WorkerSettings(handler_timeout_seconds=default), None, None, registry, None, None, None)
     operation = Operation("x", lambda payload, ctx: None, timeout_seconds=operation_limit)
     assert runner.time_limit(_task(task_limit), operation) == expected
