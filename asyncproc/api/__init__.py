@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import psycopg_pool
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from asyncproc.app_resources import Resources
 from asyncproc.cache import ResultCache
-from asyncproc.config import ApiSettings, CallbackSettings, Settings, WorkerSettings
+from asyncproc.config import Settings
 from asyncproc.db import open_pool
 from asyncproc.errors import HTTP_CODES, AsyncprocError, ConfigError, error_body
 from asyncproc.group_commit import GroupCommit
@@ -19,30 +18,6 @@ from asyncproc.task_events import TaskEvents
 from asyncproc.waiting import Waiters
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class Resources:
-    api: ApiSettings
-    # The API checks a task's callback URL when it is submitted.
-    callbacks: CallbackSettings
-    # The dashboard shows the workers' defaults and when a worker counts as alive.
-    worker: WorkerSettings
-    pool: psycopg_pool.ConnectionPool
-    commits: psycopg_pool.ConnectionPool
-    inserts: GroupCommit
-    cache: ResultCache
-    events: TaskEvents
-    waiters: Waiters
-
-    def close(self) -> None:
-        self.waiters.close()
-        self.events.close()
-        self.commits.close()
-        self.pool.close()
-
-
-def resources() -> Resources:
-    return current_app.extensions["asyncproc"]
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -16,7 +16,8 @@ import hmac
 from flask import Flask, g, request
 
 from asyncproc import keys, ratelimit
-from asyncproc.api import clients, resources
+from asyncproc.api import clients
+from asyncproc.app_resources import resources
 from asyncproc.db import translate_errors
 from asyncproc.errors import Forbidden, RateLimited, Unauthorized
 from asyncproc.quotas import NO_QUOTA, Quota

@@ -15,7 +15,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from asyncproc.api import resources
+from asyncproc.app_resources import resources
 from asyncproc.metrics import LedgerCollector
 
 bp = Blueprint("metrics", __name__)

@@ -9,7 +9,8 @@ from typing import Any
 from flask import Blueprint, Flask, Response, g, request
 
 from asyncproc import quotas, service
-from asyncproc.api import resources, validation
+from asyncproc.api import validation
+from asyncproc.app_resources import resources
 from asyncproc.api.asgi import LOOP_KEY, PARKED_KEY
 from asyncproc.api.auth import client_address, current_owner, current_quota
 from asyncproc.config import CallbackSettings

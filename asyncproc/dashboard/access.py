@@ -21,7 +21,7 @@ from flask import Response, current_app, request
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from asyncproc import keys
-from asyncproc.api import resources
+from asyncproc.app_resources import resources
 from asyncproc.dashboard import queries
 from asyncproc.db import translate_errors
 

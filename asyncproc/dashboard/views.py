@@ -11,7 +11,7 @@ from uuid import UUID
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
 from asyncproc import service
-from asyncproc.api import resources
+from asyncproc.app_resources import resources
 from asyncproc.api.routes import event_stream
 from asyncproc.dashboard import access, charts, queries
 from asyncproc.dashboard.filters import PAGE_SIZE, STATUSES, BadFilter, TaskFilter, keyset, keyset_of
