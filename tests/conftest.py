@@ -25,8 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from asyncproc import db, migrate
 from asyncproc.config import DatabaseSettings, Settings, WorkerSettings
 from asyncproc.embedded import EmbeddedPostgres, free_port
-from asyncproc.polling import wait_until as wait_for
-
+from tests.support import wait_for
 
 
 @pytest.fixture(scope="session")

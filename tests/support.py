@@ -14,6 +14,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from asyncproc import db, keys
+# The bench ships the one copy; the tests use it as wait_for (tests.conftest.wait_for too).
+from asyncproc.bench.polling import wait_until as wait_for
 
 # The checkout the tests run from: its documents, deployment files and packaging.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ import psycopg
 from asyncproc import db
 from asyncproc.bench import loadgen, siege
 from asyncproc.bench.harness import Harness
-from asyncproc.polling import wait_until
 from asyncproc.bench.plain_worker import QUEUE as PLAIN_QUEUE, TASK_NAME as PLAIN_TASK
+from asyncproc.bench.polling import wait_until
 from asyncproc.config import CacheSettings, DatabaseSettings, RetentionSettings, Settings
 
 NOOP_BODY = json.dumps({"operation": "bench.noop"}).encode()

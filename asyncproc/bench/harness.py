@@ -19,9 +19,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from asyncproc import db, migrate
+from asyncproc.bench.polling import wait_until
 from asyncproc.config import Settings
 from asyncproc.embedded import EmbeddedPostgres, free_port
-from asyncproc.polling import wait_until
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Waiting on a condition with a deadline, for the benchmark and the tests."""
+"""Waiting on a condition with a deadline, for the benchmark; the tests take it through tests/support.py."""
 
 from __future__ import annotations
 
