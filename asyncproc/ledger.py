@@ -47,7 +47,7 @@ class Task:
     owner: int | None = None
     # The task's own time limit in seconds; None: its operation's, or the worker's default.
     timeout_seconds: float | None = None
-    # Why a pending task is held back by its operation's limits (migrations/0011).
+    # Why a pending task is held back by its operation's limits (migrations/current/40_limits.sql).
     wait_reason: str | None = None
 
     @property
@@ -93,7 +93,7 @@ class UndecodablePayload(Exception):
 
 
 def task_from_claim(document: dict[str, Any]) -> Task:
-    """A claimed task row, as the claim wrote it (migrations/0007): to_jsonb() with the payload as text.
+    """A claimed task row, as the claim wrote it (migrations/current/30_procrastinate_claim_and_fetch.sql): to_jsonb() with the payload as text.
 
     Raises UndecodablePayload, carrying the task with an empty payload, when
     the payload cannot be decoded.
@@ -148,7 +148,7 @@ def _insert_columns(task_ids: list[UUID], tasks: list[NewTask]) -> dict[str, lis
 
 
 def new_task_id() -> UUID:
-    """A UUIDv7, as the tasks table's default makes it (migrations/0021): the
+    """A UUIDv7, as the tasks table's default makes it (asyncproc_new_task_id, migrations/0025_baseline.sql): the
     Unix time in ms, then 74 random bits; new tasks stay at the end of every
     index on their id."""
     random_bits = int.from_bytes(os.urandom(10), "big")
@@ -304,7 +304,7 @@ def tasks_get_many(conn: psycopg.Connection, task_ids: list[UUID]) -> list[Task]
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One run of a task, as the attempts ledger keeps it (migrations/0024)."""
+    """One run of a task, as the attempts ledger keeps it (migrations/current/60_attempts.sql)."""
 
     attempt: int
     worker_id: int | None

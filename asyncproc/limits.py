@@ -1,6 +1,6 @@
 """Per-operation limits in asyncproc_operation_settings, and `asyncproc limits set|pause|resume|list`.
 
-The limits are applied where a worker claims a task (migrations/0011): a task
+The limits are applied where a worker claims a task (migrations/current/40_limits.sql): a task
 held back stays pending, with the reason in its wait_reason.
 """
 

@@ -4,7 +4,7 @@ The API and the workers may run as many processes on many hosts; only the
 database sees all of them, so per-operation counts and the queue's depth and
 age are read from it when Prometheus scrapes rather than counted in any one
 process. The counts, totals and histograms come from asyncproc_counts, which
-triggers keep exact (migrations/0010_ledger_scale.sql): a scrape costs the
+triggers keep exact (migrations/current/50_ledger_counts.sql): a scrape costs the
 same at ten rows as at ten million. Totals and histograms only ever grow, as
 Prometheus counters must, whatever is retried, pruned or truncated.
 """

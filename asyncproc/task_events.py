@@ -122,7 +122,7 @@ class TaskEvents:
 
 
 def parse_notification(payload: str) -> tuple[UUID, str, int] | None:
-    """(task id, status, version) from "<uuid> <status> <version>" (migrations/0009_api_limits.sql), or None for anything else."""
+    """(task id, status, version) from "<uuid> <status> <version>" (asyncproc_tasks_notify_changed, migrations/current/10_tasks_status_machine.sql), or None for anything else."""
     parts = payload.split(" ")
     if len(parts) != 3 or parts[1] not in STATUSES or not parts[2].isdigit():
         return None

@@ -2,8 +2,9 @@
 
 Every ledger task is dispatched as a Procrastinate job named `asyncproc.run_task`
 whose arguments are the task id and, with access control on, its owner (see
-migrations/0002 and 0015); fetching the job claims the task and adds the claimed
-row as `claimed` (migrations/0006_claim_on_fetch.sql). The name is stable:
+asyncproc_defer_jobs in migrations/current/20_procrastinate_bridge.sql); fetching the job
+claims the task and adds the claimed row as `claimed`
+(migrations/current/30_procrastinate_claim_and_fetch.sql). The name is stable:
 renaming it would orphan queued jobs.
 """
 
@@ -48,13 +49,13 @@ class JobManager(manager.JobManager):
 
     Procrastinate's worker asks for one job per free slot, one round trip each.
     This one fetches a job for every free slot in one statement
-    (asyncproc_fetch_jobs, migrations/0015 and 0017) and hands them out from a
-    buffer: the worker takes them at once, since it only asks while it has a
-    free slot, and the buffer never holds more than the free slots. Jobs still
-    in the buffer when the worker stops were never started: they are returned
-    (their tasks pending again, attempt not counted) before the worker
-    unregisters. A completed task's job is finished by the statement that
-    records the outcome (migrations/0016), which lists it in `finished`;
+    (asyncproc_fetch_jobs) and hands them out from a buffer: the worker takes
+    them at once, since it only asks while it has a free slot, and the buffer
+    never holds more than the free slots. Jobs still in the buffer when the
+    worker stops were never started: they are returned (their tasks pending
+    again, attempt not counted). A completed task's job is finished by the
+    statement that records the outcome (migrations/current/31_worker_outcomes.sql), which
+    lists it in `finished`;
     Procrastinate's own finish of that job is then a no-op.
     """
 

@@ -1,7 +1,7 @@
 """The completion-webhook delivery loop, run by every worker.
 
 A task reaching a final status queues a row in asyncproc_callbacks in the same
-transaction (migrations/0011). Each worker takes due rows with SKIP LOCKED,
+transaction (migrations/current/70_schedules_webhooks.sql). Each worker takes due rows with SKIP LOCKED,
 POSTs the task's document, signed, and records the attempt. A failed call is
 retried with exponential backoff until ASYNCPROC_CALLBACK_MAX_AGE_SECONDS
 after the task finished; a URL the allow-list refuses is not retried.

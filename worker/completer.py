@@ -2,7 +2,7 @@
 
 One statement and one commit for many outcomes spares PostgreSQL and the
 worker's event loop a round trip, a statement and a commit each. The batch keeps
-every outcome's own attempt fence (migrations/0014), and a caller is answered
+every outcome's own attempt fence (migrations/current/31_worker_outcomes.sql), and a caller is answered
 only once its outcome is committed, so a job is never finished before its
 task's outcome is durable.
 """

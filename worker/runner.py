@@ -74,7 +74,7 @@ class Runner:
         # The asyncio tasks running a task now, for interrupt().
         self._runs: set[asyncio.Task] = set()
         self.completer = Completer(self._write_completions)
-        # Jobs that a completion finished in its own statement (migrations/0016): the
+        # Jobs that a completion finished in its own statement (migrations/current/31_worker_outcomes.sql): the
         # job manager skips Procrastinate's finish for these (worker/app.py).
         self.finished_jobs: set[int] = set()
 
@@ -99,7 +99,7 @@ class Runner:
     async def run(
         self, raw_task_id: str, claimed: dict[str, Any] | None, job_id: int | None = None, worker_id: int | None = None
     ) -> None:
-        """Run a task that fetching its job already claimed (migrations/0007_dispatch_lock_order.sql).
+        """Run a task that fetching its job already claimed (migrations/current/30_procrastinate_claim_and_fetch.sql).
 
         `worker_id` is the lease the job was fetched under: the handler starts
         only while that lease is valid, and its outcome is written only while
