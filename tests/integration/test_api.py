@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import NamedTuple
 
 import pytest
 import redis
@@ -14,10 +13,8 @@ from asyncproc import ledger
 from asyncproc.api import create_app
 from asyncproc.cache import KEY_PREFIX
 from asyncproc.config import ApiSettings, CacheSettings, DatabaseSettings, Settings
-
 from tests.conftest import free_port
-
-UNREACHABLE_DB = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+from tests.support import BAD_REQUESTS, UNREACHABLE_DB, body, count_tasks, post
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +27,6 @@ def app(database_url, redis_url):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def post(client, body, headers=None):
-    return client.post("/process", data=json.dumps(body), content_type="application/json", headers=headers or {})
-
-
-def count_tasks(conn) -> int:
-    return conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"]
 
 
 def test_post_process_answers_like_the_seed(client, clean_db):
@@ -74,116 +63,6 @@ def test_get_returns_every_seed_field(client, clean_db):
     assert {"task_id", "status", "result", "error_message", "created_at", "completed_at"} <= set(body)
     assert {"operation", "attempts", "started_at", "progress"} <= set(body)
     assert body["task_id"] == task_id and body["status"] == "pending" and body["operation"] == "compute"
-
-
-class Bad(NamedTuple):
-    """One bad request: what is sent, and the status and error code it must get."""
-
-    name: str
-    status: int
-    code: str
-    body: bytes = b""
-    content_type: str | None = "application/json"
-    method: str = "POST"
-    path: str = "/process"
-    headers: dict[str, str] = {}
-
-
-def body(value: object) -> bytes:
-    return json.dumps(value).encode()
-
-
-def nested(depth: int) -> bytes:
-    return b'{"data": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
-
-
-MALFORMED, INVALID, UNSUPPORTED = "malformed_body", "invalid_request", "unsupported_media_type"
-NOT_FOUND, TASK_NOT_FOUND, NOT_ALLOWED = "not_found", "task_not_found", "method_not_allowed"
-
-# Every class of bad input, with the answer it must get. The test below also
-# checks the error shape, that no row was written, and that the log has a
-# warning and no traceback.
-BAD_REQUESTS = [
-    # The body is not JSON, or not JSON at all.
-    Bad("not JSON", 400, MALFORMED, b"{not json"),
-    Bad("truncated JSON", 400, MALFORMED, b'{"data": {'),
-    Bad("empty body", 400, MALFORMED, b""),
-    Bad("whitespace body", 400, MALFORMED, b"  \n "),
-    Bad("invalid UTF-8", 400, MALFORMED, b'{"data": {"s": "\xff"}}'),
-    Bad("NaN", 400, MALFORMED, b'{"data": {"n": NaN}}'),
-    Bad("Infinity", 400, MALFORMED, b'{"priority": Infinity}'),
-    # Wrong content type.
-    Bad("text/plain", 415, UNSUPPORTED, b'{"data": {}}', "text/plain"),
-    Bad("form content type", 415, UNSUPPORTED, b"data=1", "application/x-www-form-urlencoded"),
-    Bad("no content type", 415, UNSUPPORTED, b'{"data": {}}', None),
-    # Wrong types in every field.
-    Bad("body is a list", 422, INVALID, b"[1, 2]"),
-    Bad("body is a string", 422, INVALID, b'"data"'),
-    Bad("body is null", 422, INVALID, b"null"),
-    Bad("unknown field", 422, INVALID, body({"data": {}, "priorty": 1})),
-    Bad("data is a string", 422, INVALID, body({"data": "x"})),
-    Bad("data is a list", 422, INVALID, body({"data": [1]})),
-    Bad("data is a number", 422, INVALID, body({"data": 1})),
-    Bad("operation is a number", 422, INVALID, body({"operation": 1})),
-    Bad("operation is a list", 422, INVALID, body({"operation": ["compute"]})),
-    Bad("operation in data is a bool", 422, INVALID, body({"data": {"operation": True}})),
-    Bad("priority is a string", 422, INVALID, body({"priority": "high"})),
-    Bad("priority is a bool", 422, INVALID, body({"priority": True})),
-    Bad("priority is a float", 422, INVALID, body({"priority": 1.5})),
-    Bad("priority is null", 422, INVALID, body({"priority": None})),
-    Bad("max_attempts is a string", 422, INVALID, body({"max_attempts": "3"})),
-    Bad("max_attempts zero", 422, INVALID, body({"max_attempts": 0})),
-    Bad("max_attempts 101", 422, INVALID, body({"max_attempts": 101})),
-    Bad("delay_seconds is a string", 422, INVALID, body({"delay_seconds": "5"})),
-    Bad("delay_seconds negative", 422, INVALID, body({"delay_seconds": -1})),
-    Bad("run_at is a number", 422, INVALID, body({"run_at": 1700000000})),
-    Bad("run_at not a date", 422, INVALID, body({"run_at": "tomorrow"})),
-    Bad("run_at and delay", 422, INVALID, body({"run_at": "2030-01-01T00:00:00Z", "delay_seconds": 1})),
-    # Unknown operations, and input that fails the operation's schema.
-    Bad("unknown operation", 422, INVALID, body({"operation": "no_such_thing"})),
-    Bad("unknown operation in data", 422, INVALID, body({"data": {"operation": "no_such_thing"}})),
-    Bad("operation with spaces", 422, INVALID, body({"operation": "drop table"})),
-    Bad("operation twice", 422, INVALID, body({"operation": "compute", "data": {"operation": "sleep"}})),
-    Bad("compute n is a string", 422, INVALID, body({"data": {"n": "10"}})),
-    Bad("compute n negative", 422, INVALID, body({"data": {"n": -1}})),
-    Bad("sleep seconds too long", 422, INVALID, body({"operation": "sleep", "data": {"seconds": 86401}})),
-    Bad("fail times is a string", 422, INVALID, body({"operation": "fail", "data": {"times": "2"}})),
-    # Size, depth, unicode, NUL bytes, huge numbers.
-    Bad("over the body limit", 413, "body_too_large", body({"data": {"s": "x" * 9000}})),
-    Bad("nested 40 deep", 422, INVALID, nested(40)),
-    Bad("nested 2000 deep", 400, MALFORMED, nested(2000)[:4000]),
-    Bad("NUL in a string", 422, INVALID, b'{"data": {"s": "a\\u0000b"}}'),
-    Bad("NUL in a key", 422, INVALID, b'{"data": {"a\\u0000": 1}}'),
-    Bad("lone surrogate", 422, INVALID, b'{"data": {"s": "\\ud800"}}'),
-    Bad("unicode operation name", 422, INVALID, body({"operation": "c\u00f6mpute"})),
-    Bad("number overflows to infinity", 422, INVALID, b'{"data": {"x": 1e400}}'),
-    Bad("5000-digit integer", 400, MALFORMED, b'{"data": {"x": ' + b"9" * 5000 + b"}}"),
-    Bad("huge priority", 422, INVALID, body({"priority": 10**30})),
-    Bad("huge compute n", 422, INVALID, body({"data": {"n": 10**30}})),
-    # Headers.
-    Bad("Idempotency-Key with spaces", 422, INVALID, body({}), headers={"Idempotency-Key": "a b"}),
-    Bad("Idempotency-Key too long", 422, INVALID, body({}), headers={"Idempotency-Key": "k" * 256}),
-    # Malformed and unknown task ids.
-    Bad("unknown task id", 404, TASK_NOT_FOUND, method="GET", path=f"/results/{uuid.uuid4()}"),
-    Bad("task id not a uuid", 404, TASK_NOT_FOUND, method="GET", path="/results/not-a-uuid"),
-    Bad("task id a number", 404, TASK_NOT_FOUND, method="GET", path="/results/12345"),
-    Bad("task id with SQL", 404, TASK_NOT_FOUND, method="GET", path="/results/1;DROP TABLE tasks"),
-    Bad("task id 5000 chars", 404, TASK_NOT_FOUND, method="GET", path="/results/" + "a" * 5000),
-    Bad("task id with an unknown suffix", 404, NOT_FOUND, method="GET", path=f"/results/{uuid.uuid4()}/x"),
-    # Wrong methods.
-    Bad("GET /process", 405, NOT_ALLOWED, method="GET"),
-    Bad("PUT /process", 405, NOT_ALLOWED, body({}), method="PUT"),
-    Bad("DELETE /process", 405, NOT_ALLOWED, method="DELETE"),
-    Bad("POST /results/id", 405, NOT_ALLOWED, body({}), path=f"/results/{uuid.uuid4()}"),
-    Bad("PATCH /results/id", 405, NOT_ALLOWED, body({}), method="PATCH", path=f"/results/{uuid.uuid4()}"),
-    Bad("POST /health", 405, NOT_ALLOWED, path="/health"),
-    Bad("DELETE /openapi.json", 405, NOT_ALLOWED, method="DELETE", path="/openapi.json"),
-    # Unknown paths.
-    Bad("GET /nowhere", 404, NOT_FOUND, method="GET", path="/nowhere"),
-    Bad("POST /process/", 404, NOT_FOUND, body({}), path="/process/"),
-    Bad("GET /results/", 404, NOT_FOUND, method="GET", path="/results/"),
-    Bad("POST /tasks", 404, NOT_FOUND, body({}), path="/tasks"),
-]
 
 
 @pytest.mark.parametrize("bad", BAD_REQUESTS, ids=[bad.name for bad in BAD_REQUESTS])

@@ -6,7 +6,7 @@ import pytest
 
 from asyncproc.api import create_app
 from asyncproc.config import ApiSettings, CacheSettings, DatabaseSettings, Settings
-from tests.integration.test_api import BAD_REQUESTS, UNREACHABLE_DB, count_tasks, post
+from tests.support import BAD_REQUESTS, UNREACHABLE_DB, count_tasks, post
 
 
 @pytest.fixture(scope="module")

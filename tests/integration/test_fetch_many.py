@@ -8,8 +8,7 @@ import asyncio
 import procrastinate
 
 from asyncproc import db
-from tests.integration.test_dispatch import fetch, register_worker, task_row
-from tests.integration.test_fairness import new_owner, queue
+from tests.support import fetch, new_owner, queue, register_worker, task_row
 from asyncproc.config import DatabaseSettings, WorkerSettings
 from worker.app import QUEUE, JobManager
 from worker.lease import Lease

@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from asyncproc import db, ledger, migrate
 from asyncproc.config import DatabaseSettings, Settings
-from tests.integration.test_fairness import new_owner
+from tests.support import new_owner
 
 BACKLOG = 100_000
 _SCANNED_ROWS = re.compile(r"Scan[^\n]* on (?:tasks|procrastinate_jobs)\b[^\n]*\(actual rows=(\d+) loops=(\d+)\)")

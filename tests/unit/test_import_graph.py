@@ -1,5 +1,5 @@
 """The import graph, read statically (ast, nothing imported): asyncproc/ and
-worker/ import without cycles.
+worker/ import without cycles, and no test module imports another one.
 
 Every import counts, a function's lazy one too: a cycle hidden behind a lazy
 import still ties both modules to each other's load order. A package is its
@@ -74,3 +74,13 @@ def test_the_runtime_packages_import_without_cycles():
     except graphlib.CycleError as error:
         raise AssertionError(f"import cycle: {' -> '.join(reversed(error.args[1]))}") from None
 
+
+def test_no_test_module_imports_another_test_module():
+    modules = _modules("tests")
+    offenders = [
+        f"{name} imports {target}"
+        for name, targets in _import_graph(modules).items()
+        for target in sorted(targets)
+        if target.rpartition(".")[2].startswith("test_")
+    ]
+    assert not offenders, "shared helpers belong in tests/support.py or a conftest: " + "; ".join(offenders)
