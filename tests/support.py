@@ -249,3 +249,19 @@ BAD_REQUESTS = [
     Bad("GET /results/", 404, NOT_FOUND, method="GET", path="/results/"),
     Bad("POST /tasks", 404, NOT_FOUND, body({}), path="/tasks"),
 ]
+
+
+def children(pid: int) -> set[int]:
+    """The pids whose parent is `pid`, read from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces; the fields after its ')' do not.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found

@@ -21,6 +21,7 @@ import requests
 from asyncproc.config import ApiSettings
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
+from tests.support import children
 
 pytestmark = pytest.mark.e2e
 
@@ -47,15 +48,7 @@ def _nice(pid: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return sorted(found)
+    return sorted(children(pid))
 
 
 def _established_inodes(port: int) -> set[str]:

@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import wait_for
 from tests.e2e.conftest import start_service, stop_service
+from tests.support import children
 
 pytestmark = pytest.mark.e2e
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
 
 
 def test_the_api_keeps_answering_after_one_of_its_processes_exits(tmp_path, database_url):
     service, processes = start_service(tmp_path, database_url, None, concurrency=2)
     arbiter = processes[0].pid
-    first = wait_for(lambda: len(_children(arbiter)) == 2 and _children(arbiter), 30, "both API processes to start")
+    first = wait_for(lambda: len(children(arbiter)) == 2 and children(arbiter), 30, "both API processes to start")
     gone = min(first)
     os.kill(gone, signal.SIGTERM)
-    wait_for(lambda: len(_children(arbiter)) == 2 and gone not in _children(arbiter), 30, "a new API process")
+    wait_for(lambda: len(children(arbiter)) == 2 and gone not in children(arbiter), 30, "a new API process")
 
     # Every process counts each request in the metrics files they all share.
     answers = [service.post({"data": {"operation": "compute", "n": i}}).status_code for i in range(40)]

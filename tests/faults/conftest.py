@@ -24,6 +24,7 @@ from asyncproc.embedded import EmbeddedPostgres
 from tests.conftest import free_port, wait_for
 from tests.e2e.conftest import Service, _healthy, _start, stop_processes
 from tests.faults.proxy import SilentProxy
+from tests.support import children
 
 # Small enough that a test sees every recovery path within seconds.
 FAULT_ENV = {
@@ -180,22 +181,6 @@ def fleet(tmp_path: Path, cluster: Cluster, redis_server: RedisServer) -> Iterat
     running = Fleet(logs=tmp_path, database_url=cluster.url, redis_url=redis_server.url)
     yield running
     running.stop_all()
-
-
-def children(pid: int) -> set[int]:
-    """The pids whose parent is `pid`, read from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces; the fields after its ')' do not.
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
 
 
 def database_ready(url: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.faults.conftest import children
+from tests.support import children
 from tests.faults.load import REQUEST_TIMEOUT_SECONDS, Load
 
 pytestmark = pytest.mark.faults

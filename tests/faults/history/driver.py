@@ -24,7 +24,8 @@ from typing import Any, Callable
 import psycopg
 import requests
 
-from tests.faults.conftest import Cluster, Fleet, children
+from tests.faults.conftest import Cluster, Fleet
+from tests.support import children
 from tests.faults.history.ops import OPERATIONS
 
 OPS = sorted(OPERATIONS)
