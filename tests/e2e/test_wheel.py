@@ -1,5 +1,7 @@
 """The built wheel, installed into a fresh virtualenv outside the checkout, is a
-working service on its own: it migrates an empty database and runs a task.
+working service on its own: it migrates an empty database and runs a task,
+with its dependencies at the newest versions and at the lowest that setup.cfg
+allows (uv's lowest-direct resolution; pip has none).
 
 An editable install reads the checkout, so only this catches a wheel that
 leaves something behind (the migrations once were).
@@ -33,8 +35,8 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> 
     return result
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Iterator[Path]:
+@pytest.fixture(scope="module", params=["newest", "lowest"])
+def installed(request, tmp_path_factory) -> Iterator[Path]:
     """The bin/ directory of a fresh virtualenv with the wheel (and its dependencies from the registry) installed."""
     base = tmp_path_factory.mktemp("wheel")
     # Built from a copy: an in-tree build writes build/ and *.egg-info into the
@@ -51,7 +53,13 @@ def installed(tmp_path_factory) -> Iterator[Path]:
     (wheel,) = (base / "dist").glob("asyncproc-*.whl")
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], base, env, 120)
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)], base, env, 300)
+    python = str(venv / "bin" / "python")
+    if request.param == "newest":
+        _run([python, "-m", "pip", "install", "--quiet", str(wheel)], base, env, 300)
+    else:
+        _run([python, "-m", "pip", "install", "--quiet", "uv"], base, env, 300)
+        _run([str(venv / "bin" / "uv"), "pip", "install", "--quiet", "--python", python, "--resolution", "lowest-direct",
+              str(wheel)], base, env, 300)
     yield venv / "bin"
     # The virtualenv is a few hundred MB; the test's logs stay behind.
     shutil.rmtree(venv)
