@@ -56,6 +56,9 @@ _PR_SET_PDEATHSIG = 1
 LEASE_LAPSED_EXIT = 86
 # How often a child looks at the lease's deadline, at the most.
 _LEASE_CHECK_SECONDS = 0.1
+# How many children a call is offered to when each turns out dead before it
+# took the call (an idle child killed, or one that ended itself with the lease).
+START_TRIES = 3
 
 
 class AttemptStopped(Exception):
@@ -76,6 +79,10 @@ class HandlerError(Exception):
 
 class PermanentHandlerError(HandlerError, PermanentError):
     """A PermanentError raised in a child: retrying cannot help."""
+
+
+class _NotStarted(Exception):
+    """The child died before it took the call: the handler never ran, and another child may take it."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,8 @@ def _run_one(request: bytes, channel: _Channel, stop_event: Any) -> tuple[tuple,
     handler = registry.get(call.operation)
     if handler is None:
         return ("error", "UnknownOperation", f"operation {call.operation!r} is unknown in the handler process", True), False
+    # From here on the handler runs: a death after this costs the attempt, one before it does not.
+    channel.send(pickle.dumps(("started",)))
     try:
         limit = _limit_memory(call.memory_mb)
         try:
@@ -250,6 +259,8 @@ class _Child:
         self.alive = True
         # Why the child's messages stopped other than by its death, if they did.
         self.failure: str | None = None
+        # Whether the child has taken the current call and started its handler.
+        self.started = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pump: asyncio.Task | None = None
@@ -285,9 +296,12 @@ class _Child:
             if message is None:
                 self.messages.put_nowait(None)
                 return None
-            if message[0] != "progress":
+            if message[0] == "started":
+                self.started = True
+            elif message[0] == "progress":
+                on_progress(message[1], message[2])
+            else:
                 return message
-            on_progress(message[1], message[2])
 
     def kill(self) -> None:
         self.alive = False
@@ -369,6 +383,19 @@ class ProcessPool:
             raise PermanentHandlerError(
                 "PayloadNotTransferable", f"the payload cannot be passed to the handler's process: {exc}"
             ) from None
+        for _ in range(START_TRIES - 1):
+            try:
+                return await self._run_once(call, request, timeout, on_progress)
+            except _NotStarted:
+                continue
+        try:
+            return await self._run_once(call, request, timeout, on_progress)
+        except _NotStarted as exc:
+            raise AttemptStopped("crash", f"the handler's process died before it started: {exc}") from None
+
+    async def _run_once(
+        self, call: Call, request: bytes, timeout: float | None, on_progress: Callable[[int, str | None], None]
+    ) -> Any:
         child = await self._take()
         self._busy.add(child)
         try:
@@ -385,6 +412,7 @@ class ProcessPool:
         self, child: _Child, call: Call, request: bytes, timeout: float | None, on_progress: Callable
     ) -> Any:
         child.stop_event.clear()
+        child.started = False
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
@@ -410,6 +438,8 @@ class ProcessPool:
             # the socket itself; either way it is not to be waited for.
             child.kill()
             code = await child.reap()
+            if not child.started:
+                raise _NotStarted(_exit_reason(code))
             raise AttemptStopped("crash", f"the handler's process died: {_exit_reason(code)}")
         kind = answer[0]
         if kind == "done":

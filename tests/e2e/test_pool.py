@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 
 import pytest
@@ -34,3 +36,23 @@ def test_a_payload_that_cannot_be_sent_to_a_child_fails_its_call_and_the_pool_go
             await pool.close()
 
     assert asyncio.run(scenario()) == {"text": "STILL HERE", "attempt": 1}
+
+
+def test_a_call_given_to_an_idle_child_that_died_runs_in_another_and_costs_nothing():
+    """A handler process killed while idle (or ended by its lease's deadline) never took the call: the handler
+    did not run, so the call goes to a fresh child instead of failing its attempt as a crash."""
+
+    async def scenario():
+        pool = ProcessPool("tests.e2e.custom_operations", 1)
+        await pool.open()
+        try:
+            await pool.run(call("shout", {"text": "first"}), 10, lambda percent, message: None)
+            (idle,) = pool._idle
+            os.kill(idle.process.pid, signal.SIGKILL)
+            # Dead, and joined without yielding to the loop: the pool has not read its socket's end yet.
+            idle.process.join(10)
+            return await pool.run(call("shout", {"text": "second"}), 10, lambda percent, message: None)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == {"text": "SECOND", "attempt": 1}
