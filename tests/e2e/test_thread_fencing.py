@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import psycopg
 import pytest
 import requests
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from asyncproc import db
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, _start, service_env, start_service, stop_processes, stop_service
 from tests.e2e.fencing_ops import JOURNAL_ENV, read_journal, runs

@@ -38,7 +38,7 @@ def test_a_worker_cut_off_from_the_database_stops_its_handler_before_another_tak
     assert (body["status"], body["attempts"]) == ("completed", 2), body
 
     spans = runs(read_journal(journal), task_id)
-    (first_start, first_end, _), (second_start, _, _) = spans[1], spans[2]
+    (_, first_end, _), (second_start, _, _) = spans[1], spans[2]
     assert first_end < second_start, f"the runs overlapped: attempt 1 until {first_end}, attempt 2 from {second_start}"
     # Stopped by its own worker's fence, before anyone could take the task over.
     assert first_end < cut_at + STALLED_SECONDS, f"attempt 1 ran {first_end - cut_at:.2f}s past the cut"

@@ -12,7 +12,6 @@ import glob
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
