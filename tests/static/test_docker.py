@@ -5,8 +5,11 @@ every command, variable, path, port and health check they name must exist.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +29,7 @@ from tests.support import PROJECT_ROOT, package_sources, setup_cfg
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 WORKERS_COMPOSE = PROJECT_ROOT / "compose.workers.yml"
+OPERATIONS_COMPOSE = PROJECT_ROOT / "compose.operations.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
 DEPLOYMENT = PROJECT_ROOT / "docs" / "deployment.md"
@@ -306,11 +310,40 @@ def test_compose_environment_names_real_settings_pointing_at_the_services(compos
         assert urlsplit(settings.cache.url).hostname == "redis"
 
 
-def test_the_published_api_port_is_the_one_the_image_listens_on(compose, runtime):
+def published_api(compose) -> tuple[str, int, int]:
+    """(host address, host port, container port) of the api service's one published port."""
     (mapping,) = compose["services"]["api"]["ports"]
-    host, container = (int(port) for port in mapping.split(":"))
+    address, host, container = mapping.split(":")
+    return address, int(host), int(container)
+
+
+def test_the_published_api_port_is_the_one_the_image_listens_on(compose, runtime):
+    _, host, container = published_api(compose)
     assert container == bind_port(runtime)
     assert host == 8000
+
+
+def test_the_api_is_published_on_loopback_only_unless_access_control_is_required(compose):
+    # With ASYNCPROC_AUTH=off whoever reaches the port may read every task and
+    # retry or cancel it from the dashboard.
+    address, _, _ = published_api(compose)
+    active, _ = env_example()
+    settings = Settings.from_env({**active, **compose["services"]["api"]["environment"]})
+    assert address == "127.0.0.1" or settings.api.auth == "required", address
+
+
+def test_postgres_takes_the_connections_of_the_documented_scale(compose):
+    """docs/deployment.md's budget for one api and the workers of `--scale worker=N` that the compose file names."""
+    postgres = compose["services"]["postgres"]
+    (scale,) = {int(n) for n in re.findall(r"--scale worker=(\d+)", COMPOSE.read_text())}
+    flags = dict(word.split("=", 1) for word in postgres["command"][1:] if "=" in word)
+    assert postgres["command"][0] == "postgres" and set(postgres["command"][1::2]) == {"-c"}
+    settings = Settings.from_env({**env_example()[0], **compose["services"]["worker"]["environment"]})
+    api = settings.api.workers * (settings.api.threads + 2)
+    worker = min(settings.worker.concurrency, settings.db.pool_size) + 2 + 2
+    migrate, superuser_reserved, psql_and_monitoring = 1, 3, 10
+    needed = api + scale * worker + migrate + superuser_reserved + psql_and_monitoring
+    assert int(flags["max_connections"]) >= needed, (flags, needed)
 
 
 def test_the_worker_health_check_probes_its_metrics_port(compose, runtime):
@@ -326,6 +359,35 @@ def test_the_worker_gets_longer_to_stop_than_its_shutdown_grace(compose):
     grace = Settings.from_env(env_example()[0]).worker.shutdown_grace_seconds
     stop = compose["services"]["worker"]["stop_grace_period"]
     assert int(stop.removesuffix("s")) > grace
+
+
+def test_your_own_operations_module_is_mounted_where_the_api_and_the_worker_import_it(compose, runtime, tmp_path):
+    raw = OPERATIONS_COMPOSE.read_text()
+    with pytest.raises(AssertionError, match="ASYNCPROC_OPERATIONS_MODULE is required"):
+        interpolate(raw, {})
+    services = yaml.safe_load(interpolate(raw, {"ASYNCPROC_OPERATIONS_MODULE": "myops"}))["services"]
+    # Both import the module at start-up; migrate does not.
+    assert set(services) == {"api", "worker"}
+    for name, service in services.items():
+        assert set(service) == {"volumes", "environment"}, name
+        (volume,) = service["volumes"]
+        source, target, mode = volume.split(":")
+        assert source.startswith("./") and mode == "ro", volume
+        assert service["environment"]["PYTHONPATH"] == target
+        assert Settings.from_env({**env_example()[0], **compose["services"][name]["environment"],
+                                  "ASYNCPROC_OPERATIONS_MODULE": service["environment"]["ASYNCPROC_OPERATIONS_MODULE"]}
+                                 ).operations_module == "myops"
+    # The container's own start-up import, from its working directory, with the mount on PYTHONPATH.
+    mounted = tmp_path / "operations"
+    mounted.mkdir()
+    (mounted / "myops.py").write_text(
+        "from asyncproc.operations import operation\n\n@operation('mounted_op')\ndef mounted_op(payload, ctx):\n    return 1\n"
+    )
+    workdir = tmp_path / runtime.last("WORKDIR").rest.strip("/")
+    workdir.mkdir(parents=True)
+    check = ("from asyncproc.operations import load_user_module, registry; load_user_module('myops');"
+             " assert registry.get('mounted_op')")
+    subprocess.run([sys.executable, "-c", check], cwd=workdir, env={**os.environ, "PYTHONPATH": str(mounted)}, check=True)
 
 
 # ---------------------------------------------------------------- .env.example
@@ -344,6 +406,12 @@ def test_env_example_documents_each_variable():
     for above, line in zip(lines, lines[1:]):
         if ENV_LINE.match(line):
             assert above.startswith("#") and not ENV_LINE.match(above), f"no explanation above {line!r}"
+
+
+def test_env_example_turns_on_no_simulated_work():
+    active, _ = env_example()
+    assert "ASYNCPROC_COMPUTE_SECONDS" not in active
+    assert Settings.from_env(active).worker.compute_seconds == Settings().worker.compute_seconds
 
 
 def test_env_example_values_are_valid_settings():
@@ -395,13 +463,13 @@ def test_the_readme_compose_quick_start_matches_the_files(compose):
             assert set(named) <= known, set(named) - known
         elif words[0] == "curl":
             (url,) = URL.findall(command)
-            assert urlsplit(url).port == int(compose["services"]["api"]["ports"][0].split(":")[0])
+            assert urlsplit(url).port == published_api(compose)[1]
             assert_get_route(url)
         else:
             raise AssertionError(f"unexpected command in the compose quick start: {command}")
     assert seen_compose
     for url in URL.findall(section):
-        assert urlsplit(url).port == int(compose["services"]["api"]["ports"][0].split(":")[0])
+        assert urlsplit(url).port == published_api(compose)[1]
     for service in re.findall(r"`(\w+)`", section):
         if service in {"postgres", "redis", "migrate", "api", "worker"}:
             assert service in services
