@@ -3,6 +3,8 @@ top-level migrations/), so these check that the list and the tree agree."""
 
 from __future__ import annotations
 
+from packaging.requirements import Requirement
+
 from asyncproc.config import Settings
 from tests.support import PROJECT_ROOT, package_sources, setup_cfg
 
@@ -31,3 +33,14 @@ def test_the_migrations_are_package_data_of_the_package_settings_reads():
     assert any(path.parent.name == "current" for path in packaged)
     # The editable install of the checkout resolves the package onto the same directory.
     assert Settings().migrations_dir.resolve() == sources["asyncproc.migrations"]
+
+
+def test_every_dependency_has_an_upper_bound():
+    # An install of the same commit a month later must not pick up a release
+    # nobody has run the tests on; the CI's lowest-versions run keeps the lower bounds honest.
+    options = setup_cfg()["options"]
+    lists = [options["install_requires"], *setup_cfg()["options.extras_require"].values()]
+    lines = [line.strip() for text in lists for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) > 10
+    unbounded = [line for line in lines if not any(spec.operator in ("<", "<=", "==", "~=") for spec in Requirement(line).specifier)]
+    assert not unbounded, unbounded
