@@ -14,7 +14,7 @@ from asyncproc import service
 from asyncproc.app_resources import resources
 from asyncproc.api.routes import event_stream
 from asyncproc.dashboard import access, charts, queries
-from asyncproc.dashboard.filters import PAGE_SIZE, STATUSES, BadFilter, TaskFilter, keyset, keyset_of
+from asyncproc.dashboard.filters import PAGE_SIZE, STATUSES, BadFilter, TaskFilter, done_notice, keyset, keyset_of
 from asyncproc.db import translate_errors
 from asyncproc.errors import AsyncprocError, Conflict
 from asyncproc.operations import registry
@@ -117,6 +117,7 @@ def _grid(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def tasks():
     task_filter = TaskFilter.from_args(request.args)
     after_created_at, after_task_id = keyset(request.args.get("after"))
+    done = done_notice(request.args.get("done"))
     params = {
         **task_filter.params(),
         "after_created_at": after_created_at,
@@ -137,6 +138,7 @@ def tasks():
         task_filter=task_filter,
         filter_args=task_filter.args(),
         next_args=next_args,
+        done=done,
         statuses=STATUSES,
         operations=registry.names(),
     )
@@ -234,7 +236,8 @@ def bulk_apply():
 
 
 def _confirmed_count(raw: str | None) -> int:
-    if raw is None or not raw.isdigit():
+    # isdigit() alone takes "²", which int() refuses.
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise BadFilter("confirmed must be the count the confirmation showed")
     return int(raw)
 
