@@ -25,7 +25,8 @@ ASYNCPROC_OPERATIONS_MODULE; the API and the worker import it at start-up.
 A sync handler runs in a child process of the worker, so that a crash, a hang
 or a leak costs only its own attempt; `isolation="thread"` runs it in a thread
 of the worker instead, and `timeout_seconds` and `memory_mb` bound each run
-(see docs/handlers.md).
+(see docs/handlers.md). `strict=True` refuses input fields the schema does
+not declare, as the built-in operations do; without it they are accepted.
 """
 
 from __future__ import annotations
@@ -130,9 +131,15 @@ class Registry:
         isolation: str | None = None,
         timeout_seconds: float | None = None,
         memory_mb: int | None = None,
+        strict: bool = False,
     ) -> Callable[[Handler], Handler]:
         schema = ANY_OBJECT if input_schema is None else input_schema
         validator = compile_schema(schema, name)
+        if strict:
+            if schema.get("additionalProperties", False) is not False:
+                raise ValueError(f"operation {name!r}: strict=True and input_schema's additionalProperties disagree")
+            schema = {**schema, "additionalProperties": False}
+            validator = Draft202012Validator(schema)
         if isolation is not None and isolation not in ISOLATIONS:
             raise ValueError(f"operation {name!r}: isolation must be one of {', '.join(ISOLATIONS)}")
         if timeout_seconds is not None and not 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS:
@@ -292,8 +299,12 @@ def _one_line(text: str) -> str:
     input_schema={
         "type": "object",
         "description": "The seed's demo: the sum of the integers below n, after simulated heavy work.",
-        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 10**12, "default": 1_000_000}},
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 10**12, "default": 1_000_000},
+            "input": {"description": "Accepted and ignored, as by the seed: its example body sends it."},
+        },
     },
+    strict=True,
 )
 def compute(payload: dict[str, Any], ctx: TaskContext) -> int:
     # JSON Schema counts 10.0 as an integer; the sum below it is exact only in int arithmetic.
@@ -315,6 +326,7 @@ def compute(payload: dict[str, Any], ctx: TaskContext) -> int:
         "description": "Waits `seconds`.",
         "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 86400, "default": 1}},
     },
+    strict=True,
 )
 def sleep(payload: dict[str, Any], ctx: TaskContext) -> dict[str, float]:
     seconds = float(payload.get("seconds", 1.0))
@@ -333,6 +345,7 @@ def sleep(payload: dict[str, Any], ctx: TaskContext) -> dict[str, float]:
             "message": {"type": "string", "maxLength": 1000},
         },
     },
+    strict=True,
 )
 def fail(payload: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     message = payload.get("message", "requested failure")

@@ -92,11 +92,13 @@ INJECTION = "'); DROP TABLE tasks; --"
 # The same attack without spaces, which header values may not contain.
 INJECTION_TOKEN = "x');DROP/**/TABLE/**/tasks;--"
 
-# Every string field carrying SQL: stored verbatim, or rejected.
+# Every string field carrying SQL: stored verbatim, or rejected. compute's
+# `input` takes any JSON value.
 INJECTIONS = [
-    ("data value", {"data": {"s": INJECTION}}, {}, 202),
-    ("data key", {"data": {INJECTION: 1}}, {}, 202),
-    ("nested data value", {"data": {"a": [{"b": INJECTION}]}}, {}, 202),
+    ("data value", {"data": {"input": INJECTION}}, {}, 202),
+    ("data key", {"data": {"input": {INJECTION: 1}}}, {}, 202),
+    ("nested data value", {"data": {"input": [{"b": INJECTION}]}}, {}, 202),
+    ("input field", {"data": {INJECTION: 1}}, {}, 422),
     ("operation", {"operation": INJECTION}, {}, 422),
     ("operation in data", {"data": {"operation": INJECTION}}, {}, 422),
     ("run_at", {"run_at": INJECTION}, {}, 422),
@@ -129,19 +131,19 @@ def test_the_default_body_limit_is_one_mib(database_url, clean_db):
     app = create_app(Settings(db=DatabaseSettings(url=database_url)))
     try:
         client = app.test_client()
-        envelope = len(body({"data": {"s": ""}}))
-        over = client.post("/process", data=body({"data": {"s": "x" * ((1 << 20) - envelope + 1)}}), content_type="application/json")
+        envelope = len(body({"data": {"input": ""}}))
+        over = client.post("/process", data=body({"data": {"input": "x" * ((1 << 20) - envelope + 1)}}), content_type="application/json")
         assert over.status_code == 413
         assert over.get_json()["error"]["code"] == "body_too_large"
         assert count_tasks(clean_db) == 0
-        at_limit = client.post("/process", data=body({"data": {"s": "x" * ((1 << 20) - envelope)}}), content_type="application/json")
+        at_limit = client.post("/process", data=body({"data": {"input": "x" * ((1 << 20) - envelope)}}), content_type="application/json")
         assert at_limit.status_code == 202
     finally:
         app.extensions["asyncproc"].close()
 
 
 def test_unicode_and_big_numbers_are_stored_exactly_as_sent(client, clean_db):
-    data = {"text": "naïve café 中文 🚀 \u202e", "key 🔑": [12345.678, -(10**40), 10**40, 0.1, 1e-300]}
+    data = {"input": {"text": "naïve café 中文 🚀 \u202e", "key 🔑": [12345.678, -(10**40), 10**40, 0.1, 1e-300]}}
     response = post(client, {"data": data})
     assert response.status_code == 202
     assert clean_db.execute("SELECT payload FROM tasks").fetchone()["payload"] == data

@@ -48,6 +48,7 @@ def test_bad_input_is_a_permanent_error_naming_the_field(operation, payload, fie
 
 
 def test_good_input_returns_the_handler():
+    # `input` is the field of the seed's example body, accepted and ignored.
     assert registry.check("compute", {"n": 3, "input": 42}) is registry.get("compute")
     assert registry.check("fail", {"times": 2, "message": "x"}) is registry.get("fail")
 
@@ -76,6 +77,29 @@ def test_a_declared_schema_checks_required_nested_and_closed_objects():
         "data.extra", "data.mode", "data.sizes[1]", "data.url"
     ]
     assert local.input_schemas() == {"resize": schema}
+
+
+def test_a_custom_operation_takes_unknown_fields_unless_registered_strict():
+    local = Registry()
+    schema = {"type": "object", "properties": {"url": {"type": "string"}}}
+
+    @local.register("lenient", input_schema=schema)
+    @local.register("strict", input_schema=schema, strict=True)
+    def handler(payload, ctx):
+        return payload
+
+    assert local.check("lenient", {"url": "a", "URL": "b"}) is handler
+    with pytest.raises(InvalidInput) as raised:
+        local.check("strict", {"url": "a", "URL": "b"})
+    assert raised.value.details == [{"field": "data.URL", "problem": "is not an accepted field"}]
+    assert local.input_schemas() == {"lenient": schema, "strict": {**schema, "additionalProperties": False}}
+    assert schema == {"type": "object", "properties": {"url": {"type": "string"}}}
+
+
+def test_strict_and_a_schema_that_allows_other_fields_contradict_each_other():
+    schema = {"type": "object", "additionalProperties": {"type": "string"}}
+    with pytest.raises(ValueError, match="^operation 'x': strict=True and input_schema's additionalProperties disagree"):
+        Registry().register("x", input_schema=schema, strict=True)
 
 
 @pytest.mark.parametrize(

@@ -44,14 +44,14 @@ def test_unparseable_bodies_are_malformed(raw):
 
 
 def test_huge_integers_that_postgres_can_store_are_kept():
-    body = validation.parse_json_body(b'{"data": {"big": 123456789012345678901234567890}}')
-    assert make(body).payload == {"big": 123456789012345678901234567890}
+    body = validation.parse_json_body(b'{"data": {"input": 123456789012345678901234567890}}')
+    assert make(body).payload == {"input": 123456789012345678901234567890}
 
 
 @pytest.mark.parametrize("value", ["ok\x00", "\ud800", float("nan")])
 def test_values_jsonb_cannot_store_are_rejected(value):
     with pytest.raises(InvalidRequest):
-        make({"data": {"v": value}})
+        make({"data": {"input": value}})
 
 
 def test_header_tokens_are_printable_ascii():
