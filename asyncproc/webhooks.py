@@ -8,8 +8,9 @@ ASYNCPROC_CALLBACK_ALLOW is a comma-separated list of hosts the service may
 call: host names (`hooks.example.com`, or `.example.com` for it and its
 subdomains), IP networks (`10.1.0.0/16`, `127.0.0.1`), or `*` for any host.
 Unset, it is `*`. Whatever the list, an address that is not public (private,
-loopback, link-local, reserved, multicast) is called only if a network in the
-list contains it.
+loopback, link-local, site-local, reserved, multicast, or an IPv6 form of an
+IPv4 address that is not public) is called only if a network in the list
+contains it.
 
 Each call carries `X-Asyncproc-Signature: t=<unix time>,v1=<hex>`, where hex
 is HMAC-SHA256 of "<t>.<body>" under the task's key's callback_secret (or
@@ -37,6 +38,26 @@ _HOST_ENTRY = re.compile(r"^\.?([a-z0-9_-]+\.)*[a-z0-9_-]+$")
 
 class CallbackRefused(Exception):
     """A callback_url the service will not call; the message says why."""
+
+
+class NotPublic(CallbackRefused):
+    """The URL's host is, or resolves to, an address that is not public and not listed.
+
+    The message names the address, for the log; what the URL's owner reads of
+    a delivery is NOT_PUBLIC, which does not tell what a host name resolves to.
+    """
+
+
+NOT_PUBLIC = "not a public address"
+# IPv6 addresses whose last 32 bits are an IPv4 address that a host, a
+# translator or a gateway reaches instead: IPv4-compatible (::/96),
+# IPv4-mapped, IPv4-translated (SIIT) and the NAT64 well-known prefix.
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(network) for network in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+# Local-use NAT64 (RFC 8215): where its IPv4 address sits depends on a prefix
+# length only the network knows, so none of it is public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 @dataclass(frozen=True)
@@ -77,12 +98,32 @@ class AllowList:
                    for entry in self.hosts)
 
     def address_allowed(self, address: IPAddress) -> bool:
-        if self._in_network(address):
-            return True
-        return address.is_global and not address.is_multicast
+        return self._in_network(address) or _is_public(address)
 
     def _in_network(self, address: IPAddress) -> bool:
         return any(address in network for network in self.networks)
+
+
+def _is_public(address: IPAddress) -> bool:
+    """Global unicast, and so is the IPv4 address it carries, if it is an IPv6 form of one."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return True
+    if address.is_site_local or address in _LOCAL_NAT64:
+        return False
+    carried = _carried_ipv4(address)
+    return carried is None or _is_public(carried)
+
+
+def _carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _IPV4_IN_LAST_32_BITS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def _address(host: str) -> IPAddress | None:
@@ -112,7 +153,7 @@ def check_url(url: str, allow: AllowList) -> str:
         raise CallbackRefused(f"callback_url host {host} is not in ASYNCPROC_CALLBACK_ALLOW")
     address = _address(host)
     if address is not None and not allow.address_allowed(address):
-        raise CallbackRefused(f"callback_url address {address} is not public and not in ASYNCPROC_CALLBACK_ALLOW")
+        raise NotPublic(f"callback_url address {address} is not public and not in ASYNCPROC_CALLBACK_ALLOW")
     return host
 
 
@@ -130,7 +171,7 @@ def check_resolved(url: str, allow: AllowList) -> IPAddress:
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for address in addresses:
         if not allow.address_allowed(address):
-            raise CallbackRefused(f"{host} resolves to {address}, which is not public and not in ASYNCPROC_CALLBACK_ALLOW")
+            raise NotPublic(f"{host} resolves to {address}, which is not public and not in ASYNCPROC_CALLBACK_ALLOW")
     return addresses[0]
 
 
