@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from flask import Blueprint, Flask, Response, g, request
 
@@ -135,8 +135,12 @@ def event_stream(task_id: uuid.UUID, owner: int | None) -> Response:
     # An unknown id fails here, as a JSON 404, before streaming starts.
     service.lookup(res.pool, res.cache, task_id, owner=owner)
     last_event_id = validation.header_token(request.headers.get("Last-Event-ID"), "Last-Event-ID")
-    release = res.waiters.admit(_waiter_key())
-    changes = res.waiters.stream_changes(task_id, owner, last_event_id)
+    return parked_events(res.waiters.stream_changes(task_id, owner, last_event_id))
+
+
+def parked_events(changes: AsyncIterator[bytes]) -> Response:
+    """Server-sent events, parked like any waiting client and counted as one."""
+    release = resources().waiters.admit(_waiter_key())
     response = _parked(changes, release, "text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     return response

@@ -10,10 +10,10 @@ from uuid import UUID
 
 from flask import Blueprint, Response, g, make_response, redirect, render_template, request, url_for
 
-from asyncproc import service
+from asyncproc import humanize, service
 from asyncproc.app_resources import resources
-from asyncproc.api.routes import event_stream
-from asyncproc.dashboard import access, charts, queries
+from asyncproc.api.routes import event_stream, parked_events
+from asyncproc.dashboard import access, charts, live, queries
 from asyncproc.dashboard.filters import PAGE_SIZE, STATUSES, BadFilter, TaskFilter, done_notice, keyset, keyset_of
 from asyncproc.db import translate_errors
 from asyncproc.errors import AsyncprocError, Conflict
@@ -28,6 +28,7 @@ BULK = {
     "cancel": ("dashboard_tasks_bulk_cancel", ["pending", "running"]),
 }
 OPEN_VIEWS = frozenset({"dashboard.sign_in", "dashboard.static"})
+bp.add_app_template_filter(humanize.duration, "duration")
 
 
 @bp.before_request
@@ -38,7 +39,8 @@ def _admit():
     try:
         g.viewer, g.set_cookie = access.viewer()
     except access.SignInRequired:
-        return redirect(url_for("dashboard.sign_in", next=request.full_path))
+        # full_path ends in a bare "?" when there is no query string.
+        return redirect(url_for("dashboard.sign_in", next=request.full_path if request.query_string else request.path))
     if request.method == "POST":
         access.check_action(g.viewer)
     return None
@@ -96,9 +98,9 @@ def overview():
         counts=counts,
         grid=_grid(counts.rows),
         hour=hour,
-        hour_chart=charts.per_minute(hour.rows, now, 60, "Finished per minute, last hour"),
+        hour_chart=charts.throughput(hour.rows, now, 60, 1, 10, "Finished per minute, last hour"),
         day=day,
-        day_chart=charts.per_minute(day.rows, now, 24 * 60, "Finished per minute, last 24 hours"),
+        day_chart=charts.throughput(day.rows, now, 24 * 60, 30, 180, "Finished per 30 minutes, last 24 hours"),
         oldest=oldest,
         workers=workers,
         live_workers=sum(1 for row in workers.rows if row["alive"]),
@@ -156,6 +158,7 @@ def task(raw_id: str):
     task_id = _task_id(raw_id)
     with translate_errors(), resources().pool.connection() as conn:
         found = queries.run(conn, "task_get", {"task_id": task_id})
+        attempts = queries.run(conn, "dashboard_task_attempts", {"task_id": task_id})
     if not found.rows:
         return _page("message.html", 404, title="No such task", message=f"No task with id {task_id}")
     row = found.rows[0]
@@ -171,13 +174,24 @@ def task(raw_id: str):
         if row[column] is not None
     ]
     timeline.sort(key=lambda item: item[1])
-    return _page("task.html", found=found, task=row, timeline=timeline)
+    return _page("task.html", found=found, task=row, timeline=timeline, attempts=attempts)
 
 
 @bp.get("/tasks/<raw_id>/events")
 def task_events(raw_id: str):
     # The dashboard sees every task, whoever owns it.
     return event_stream(_task_id(raw_id), owner=None)
+
+
+@bp.get("/tasks/events")
+def tasks_events():
+    """The changes of several tasks (`id=`, repeated; at most a page of them) in one stream."""
+    task_ids = [_task_id(raw) for raw in request.args.getlist("id")]
+    if not 0 < len(task_ids) <= PAGE_SIZE:
+        raise BadFilter(f"give between 1 and {PAGE_SIZE} task ids (id=...)")
+    waiters = resources().waiters
+    # The dashboard sees every task, whoever owns it.
+    return parked_events(live.merged([waiters.stream_changes(task_id, None, None) for task_id in task_ids]))
 
 
 @bp.post("/tasks/<raw_id>/<any(retry, cancel):action>")

@@ -22,16 +22,26 @@ ORDER BY created_at, task_id
 LIMIT 1
 
 -- name: dashboard_workers
--- Procrastinate's worker heartbeats, and the tasks each one's jobs are running.
--- A worker that stops beating is pruned by the sweep after stalled_seconds.
-SELECT w.id, w.last_heartbeat, now() - w.last_heartbeat AS silent_for,
+-- Procrastinate's worker heartbeats, where each worker runs (its host and pid,
+-- as it registered them), and the tasks each one's jobs are running. A worker
+-- that stops beating is pruned by the sweep after stalled_seconds.
+SELECT w.id, h.host, h.pid, w.last_heartbeat, now() - w.last_heartbeat AS silent_for,
        w.last_heartbeat > now() - make_interval(secs => %(alive_seconds)s) AS alive,
        count(j.id) AS running,
        COALESCE(array_agg(j.args->>'task_id' ORDER BY j.id) FILTER (WHERE j.id IS NOT NULL), '{}') AS task_ids
 FROM procrastinate_workers AS w
+LEFT JOIN asyncproc_worker_hosts AS h ON h.worker_id = w.id
 LEFT JOIN procrastinate_jobs AS j ON j.worker_id = w.id AND j.status = 'doing'
-GROUP BY w.id, w.last_heartbeat
+GROUP BY w.id, w.last_heartbeat, h.host, h.pid
 ORDER BY w.id
+
+-- name: dashboard_task_attempts
+-- Every run of one task from the attempts ledger, oldest first: what
+-- GET /results/{id}/attempts serves.
+SELECT attempt, worker_id, host, pid, started_at, finished_at, duration, outcome, error, counted
+FROM asyncproc_task_attempts
+WHERE task_id = %(task_id)s
+ORDER BY started_at, attempt
 
 -- name: dashboard_tasks_page
 -- One page, newest first, after the keyset (created_at, task_id) of the last
