@@ -269,6 +269,8 @@ class CallbackSettings:
     allow: AllowList = field(default_factory=AllowList)
     # Signs the callbacks of tasks that no API key created (access control off, psql).
     secret: str | None = None
+    # Bounds a whole delivery, from resolving the host to the last byte read;
+    # the delivery's lease is this plus worker/callbacks.py's LEASE_MARGIN_SECONDS.
     timeout_seconds: float = 10.0
     # The first retry of a failed delivery waits this long, doubling up to an hour.
     backoff_seconds: float = 10.0

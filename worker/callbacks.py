@@ -185,7 +185,14 @@ async def post_pinned(url: str, address: IPAddress, body: bytes, headers: dict[s
 def _request_head(parts: SplitResult, headers: dict[str, str], length: int) -> bytes:
     target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_TARGET_SAFE)
     host = parts.netloc.rpartition("@")[2].encode("idna").decode("ascii")
-    fields = {**headers, "Host": host, "Content-Length": str(length), "Connection": "close"}
+    # identity: an honest receiver has no reason to compress what is never read.
+    fields = {
+        **headers,
+        "Host": host,
+        "Content-Length": str(length),
+        "Accept-Encoding": "identity",
+        "Connection": "close",
+    }
     lines = [f"POST {target} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
