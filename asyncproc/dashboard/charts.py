@@ -77,7 +77,8 @@ def throughput(
         for tasks in sorted({0, top} | ({top // 2} if top % 2 == 0 else set()))
         for y in [base - height(tasks)]
     )
-    first_tick = start + timedelta(minutes=-(start.hour * 60 + start.minute) % tick_every)
+    # Ticks fall on round times of the clock, never on the axes' corner, where the unit is.
+    first_tick = start + timedelta(minutes=tick_every - (start.hour * 60 + start.minute) % tick_every)
     x_ticks = []
     tick = first_tick
     while tick < end:
@@ -93,7 +94,7 @@ def throughput(
         f'<g class="y-axis">{y_ticks}</g>'
         f'<g class="x-axis"><line x1="{LEFT}" y1="{base}" x2="{WIDTH - RIGHT}" y2="{base}"/>{"".join(x_ticks)}</g>'
         f'<text class="unit" x="{LEFT - 6}" y="{TOP - 10}">tasks</text>'
-        f'<text class="unit" x="{WIDTH - RIGHT}" y="{HEIGHT - 2}">UTC</text>'
+        f'<text class="unit" x="{LEFT - 6}" y="{base + 16}">UTC</text>'
         f'<path class="completed" d="{"".join(done_path)}"/><path class="failed" d="{"".join(failed_path)}"/>'
         f'{"".join(values)}{"".join(hovers)}</svg>'
     )
