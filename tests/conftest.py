@@ -1,9 +1,15 @@
-"""Session fixtures: a fresh migrated database, a Redis, and helpers.
+"""Session fixtures: a fresh migrated database, a Redis, and helpers; the fast
+and the full suite; a data directory where no `asyncproc up` runs.
 
 The database comes from DATABASE_URL when it is set: the session creates a
 database of its own on that server and drops it at the end. Without
 DATABASE_URL the session starts a throwaway embedded PostgreSQL (fsync off),
 exactly as `asyncproc up` does on a fresh machine.
+
+`pytest` runs the fast suite; `pytest --full` adds the tests marked `full`:
+everything under tests/e2e and tests/faults (the bench and the browser tests
+among them), and the slowest integration tests. A test file named on the
+command line runs whole, --full or not.
 """
 
 from __future__ import annotations
@@ -26,6 +32,57 @@ from asyncproc import db, migrate
 from asyncproc.config import DatabaseSettings, Settings, WorkerSettings
 from asyncproc.embedded import EmbeddedPostgres, free_port
 from tests.support import wait_for
+
+# Directories under tests/ whose every test is marked `full`.
+FULL_DIRECTORIES = ("e2e", "faults")
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full", action="store_true",
+        help="run the full suite: also the tests marked full (e2e, faults, the bench, the browser, the slowest integration tests)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Run beside a developer's `asyncproc up`, in its directory, a command
+    # started without DATABASE_URL would find its embedded database and join
+    # it as a real worker. Every command a test runs, in this process or in a
+    # child that inherits the environment, looks in this empty directory instead.
+    scratch = tempfile.mkdtemp(prefix="asyncproc-test-data-")
+    config.add_cleanup(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    os.environ["ASYNCPROC_DATA_DIR"] = scratch
+
+
+def _named_files(config: pytest.Config) -> set[Path]:
+    named = (config.invocation_params.dir / arg.split("::")[0] for arg in config.args)
+    return {path.resolve() for path in named if path.is_file()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(tests_dir) and item.path.relative_to(tests_dir).parts[0] in FULL_DIRECTORIES:
+            item.add_marker(pytest.mark.full)
+    if config.getoption("--full"):
+        return
+    named = _named_files(config)
+    kept, deselected = [], []
+    for item in items:
+        (deselected if item.get_closest_marker("full") and item.path not in named else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+    config.stash[_DESELECTED] = len(deselected)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    deselected = config.stash.get(_DESELECTED, 0)
+    if deselected:
+        terminalreporter.write_line(
+            f"{deselected} tests of the full suite (e2e, faults, the bench, the browser) were left out: pytest --full runs them"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +22,12 @@ from asyncproc.embedded import free_port
 
 # The checkout the tests run from: its documents, deployment files and packaging.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def bare_env(**variables: str) -> dict[str, str]:
+    """A command's environment with nothing inherited but `variables`, and the
+    session's data directory, where no `asyncproc up` runs (tests/conftest.py)."""
+    return {"PATH": "/usr/bin:/bin", "ASYNCPROC_DATA_DIR": os.environ["ASYNCPROC_DATA_DIR"], **variables}
 
 
 def setup_cfg() -> configparser.ConfigParser:

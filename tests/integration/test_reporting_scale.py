@@ -14,6 +14,9 @@ import pytest
 from asyncproc import db, migrate
 from asyncproc.config import DatabaseSettings, Settings
 
+# Seeding a million rows takes a minute or more on two cores: the full suite's, not the fast one's.
+pytestmark = pytest.mark.full
+
 ROWS = 1_000_000
 BUDGET_MS = 200.0
 LAST_MONTH = (

@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
+from tests.support import bare_env
+
 
 def _asyncproc(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
+        env=bare_env(**env),
         capture_output=True,
         text=True,
         timeout=30,

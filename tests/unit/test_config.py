@@ -9,6 +9,7 @@ import pytest
 from asyncproc.config import SecondsRange, Settings, variable_names
 from asyncproc.db import connect_kwargs
 from asyncproc.errors import ConfigError
+from tests.support import bare_env
 from worker.lease import fence_seconds
 
 
@@ -97,7 +98,7 @@ def test_access_control_and_rate_limits_are_read():
 def test_the_cli_reports_a_bad_variable_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "migrate"],
-        env={"ASYNCPROC_WORKER_CONCURRENCY": "lots", "PATH": "/usr/bin:/bin"},
+        env=bare_env(ASYNCPROC_WORKER_CONCURRENCY="lots"),
         capture_output=True,
         text=True,
     )
@@ -109,7 +110,7 @@ def test_the_cli_reports_a_bad_variable_in_one_line():
 
 def test_the_cli_asks_for_a_database_url_where_one_is_needed():
     result = subprocess.run(
-        [sys.executable, "-m", "asyncproc.cli", "worker"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+        [sys.executable, "-m", "asyncproc.cli", "worker"], env=bare_env(), capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert "DATABASE_URL is not set" in result.stderr
@@ -215,8 +216,8 @@ def test_the_default_lease_settings_are_sound_and_fence_before_any_takeover():
 def test_the_worker_refuses_unsound_lease_settings_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "worker"],
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-             "ASYNCPROC_STALLED_SECONDS": "10", "ASYNCPROC_HEARTBEAT_SECONDS": "10"},
+        env=bare_env(DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+                     ASYNCPROC_STALLED_SECONDS="10", ASYNCPROC_HEARTBEAT_SECONDS="10"),
         capture_output=True,
         text=True,
         timeout=60,
