@@ -2,7 +2,8 @@
 
 Every page reads through the named queries of sql/dashboard.sql (see
 queries.py) and shows each one under "Show SQL". Reading works with JavaScript
-off; static/dashboard.js only adds live progress on a task's page.
+off; static/dashboard.js only keeps a task's page and the task list live, from
+the tasks' event streams (live.py merges the list's into one).
 """
 
 from __future__ import annotations
