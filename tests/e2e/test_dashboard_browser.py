@@ -248,7 +248,7 @@ def test_a_requeued_task_reads_as_information_not_as_an_error(service, page, das
 
 
 def test_the_task_page_and_the_list_follow_a_task_live_without_reloading(service, page):
-    task_id = service.submit({"operation": "steps", "delay_seconds": 2, "data": {"count": 3, "seconds": 0.3}})
+    task_id = service.submit({"operation": "steps", "delay_seconds": 3, "data": {"count": 3, "seconds": 0.3}})
     page.goto(f"{service.base_url}/dashboard/tasks/{task_id}")
     assert page.inner_text("#attempts tbody") == "No attempt yet."
     loads = []
@@ -259,7 +259,7 @@ def test_the_task_page_and_the_list_follow_a_task_live_without_reloading(service
     assert re.fullmatch(rf"{re.escape(socket.gethostname())} pid \d+", page.inner_text("#attempts td.worker"))
     assert loads == []
 
-    later = service.submit({"operation": "steps", "delay_seconds": 2, "data": {"count": 2, "seconds": 0.2}})
+    later = service.submit({"operation": "steps", "delay_seconds": 3, "data": {"count": 2, "seconds": 0.2}})
     page.goto(f"{service.base_url}/dashboard/tasks")
     row = page.locator(f"#task-list tr[data-task-id='{later}']")
     assert row.locator("td.status").inner_text() == "pending"
