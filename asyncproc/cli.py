@@ -10,9 +10,10 @@ import sys
 import time
 import uuid
 from datetime import timedelta
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from asyncproc import contract, db, locate, logs, supervisor
 from asyncproc.config import BIND_EXPECTED, DatabaseSettings, Settings, integer_expected, parse_bind, parse_duration, parse_integer
@@ -30,6 +31,16 @@ log = logging.getLogger("asyncproc")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, verbose_flag: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if verbose_flag:
+            # Before or after the command's name alike; SUPPRESS, so that a
+            # command's parser does not undo an `asyncproc -v` given before it.
+            self.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                help="also print log lines (a command that answers at once prints only its answer and warnings)",
+            )
+
     def error(self, message: str) -> NoReturn:
         # One line, like a bad environment variable; the usage is one --help away.
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -79,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     # Defaults come from the environment after parsing, so that --help works
     # whatever the environment holds.
     parser = _Parser(prog="asyncproc", description="A task service whose queue is PostgreSQL.")
+    parser.set_defaults(verbose=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run everything on this machine (embedded PostgreSQL without DATABASE_URL)")
@@ -163,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     limit_set.add_argument("--max-running", type=_limit(_integer(0, 1_000_000)), metavar="N|none", help="tasks running at once")
     limit_set.add_argument("--rate", type=_limit(_number(0.001, 1_000_000)), metavar="R|none", help="starts per second")
     limit_set.add_argument("--burst", type=_limit(_integer(1, 1_000_000)), metavar="B|none", help="starts at once (default: the rate, rounded up)")
+    limit_set.add_argument("--force", action="store_true",
+                           help="set limits of an operation this command does not know (one in another operations module)")
     limit_commands.add_parser("pause", help="start no more tasks of an operation").add_argument("operation")
     limit_commands.add_parser("resume", help="start tasks of an operation again").add_argument("operation")
     limit_commands.add_parser("list", help="limits, running and held tasks per operation")
@@ -170,9 +184,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="the service, the queue and the workers")
     commands.add_parser(
         "psql",
+        verbose_flag=False,
+        add_help=False,
         help="open psql on the database (the embedded one without DATABASE_URL); "
         "further arguments go to psql, e.g. -c 'TABLE asyncproc_queue'",
-    )
+        usage="asyncproc psql [PSQL ARGUMENT ...]",
+        description="Open psql on the database: DATABASE_URL's, else the embedded one that `asyncproc up` runs "
+        "in this directory. Every argument after `psql` goes to psql unchanged, and overrides the connection's "
+        "own setting: -U alice, -d otherdb, -h HOST, -v ON_ERROR_STOP=1, -c 'TABLE asyncproc_queue'. "
+        "Only a lone --help is asyncproc's; psql's own help is `asyncproc psql -?`.",
+    ).add_argument("--help", action="help", help="show this help and exit")
 
     bench = commands.add_parser("bench", help="start the service and measure it (embedded PostgreSQL without DATABASE_URL)")
     bench.add_argument("--quick", action="store_true", help="run every figure briefly (a few minutes)")
@@ -240,12 +261,42 @@ def _connect_waiting(database_url: str, settings: DatabaseSettings, seconds: flo
             time.sleep(1)
 
 
+def _split_psql(argv: list[str]) -> tuple[list[str], list[str]]:
+    """asyncproc's words, and psql's: every word after `psql`, options included (-h, -v ...),
+    except a lone --help."""
+    for index, word in enumerate(argv):
+        if not word.startswith("-"):
+            if word == "psql" and argv[index + 1:] != ["--help"]:
+                return argv[: index + 1], argv[index + 1:]
+            break
+    return argv, []
+
+
+# Their log is what they have to say; the other commands answer at once.
+SERVING_COMMANDS = ("up", "api", "worker", "bench")
+
+
+def _log_level(args: argparse.Namespace, settings: Settings) -> str:
+    if args.verbose:
+        return min(settings.log_level, "INFO", key=logging.getLevelName)
+    if args.command in SERVING_COMMANDS:
+        return settings.log_level
+    return max(settings.log_level, "WARNING", key=logging.getLevelName)
+
+
+def _psql_environment(database_url: str) -> dict[str, str]:
+    """The connection's settings as libpq's variables (PGHOST, PGUSER ...): psql's own
+    options override those, where they could not override a connection string.
+    A setting no variable carries (keepalives ...) is left out: psql runs without it."""
+    variables = {option.keyword.decode(): option.envvar.decode()
+                 for option in psycopg.pq.Conninfo.get_defaults() if option.envvar}
+    return {variables[name]: value for name, value in conninfo_to_dict(database_url).items() if name in variables}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # Everything after `asyncproc psql` belongs to psql, options included.
-    args, psql_args = parser.parse_known_args(argv)
-    if psql_args and args.command != "psql":
-        parser.error(f"unrecognized arguments: {' '.join(psql_args)}")
+    own, psql_args = _split_psql(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
     args.psql_args = psql_args
     try:
         settings = Settings.from_env()
@@ -253,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyncproc: configuration error: {exc}", file=sys.stderr)
         return 2
     _fill_defaults(args, settings)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(_log_level(args, settings), settings.log_format)
     try:
         return _run(args, settings)
     except ConfigError as exc:
@@ -285,17 +336,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from asyncproc.bench import run as bench
 
         return bench.run(settings, quick=args.quick, ledger_rows=args.ledger_rows, output=args.output)
-    database_url = locate.database_url(settings)
-    if args.command == "psql":
-        psql = locate.psql_path()
-        os.execv(psql, [str(psql), database_url, *args.psql_args])
     if args.command == "status":
         from asyncproc import status
 
-        print("\n".join(status.service_lines(settings.data_dir)))
-        with db.connect(database_url, settings.db, "asyncproc-status") as conn:
-            print("\n".join(status.database_lines(conn, database_url)))
-        return 0
+        return status.run(settings)
+    database_url = locate.database_url(settings)
+    if args.command == "psql":
+        psql = locate.psql_path()
+        os.execve(psql, [str(psql), *args.psql_args], {**os.environ, **_psql_environment(database_url)})
     if args.command == "migrate":
         from asyncproc import migrate
 
@@ -330,6 +378,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "limits":
         from asyncproc import limits
 
+        load_user_module(settings.operations_module)
         with db.connect(database_url, settings.db, "asyncproc-limits") as conn:
             return limits.run(conn, args)
     if args.command == "worker":

@@ -39,6 +39,8 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     quota: Quota = NO_QUOTA
+    # 'read' or 'operate': may sign in to the dashboard; None: may not.
+    dashboard_role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,13 @@ def run(
         set_quota(conn, name, quota)
         print(f"key {name!r}: {_describe(quota)}")
         return 0
-    for key in list_keys(conn):
+    found = list_keys(conn)
+    if not found:
+        print("no API keys: `asyncproc keys create NAME` makes one")
+    for key in found:
         state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "live"
-        print(f"{key.name}\tcreated {key.created_at.isoformat()}\t{state}\t{_describe(key.quota)}")
+        dashboard = f"dashboard {key.dashboard_role}" if key.dashboard_role else "no dashboard"
+        print(f"{key.name}\tcreated {key.created_at.isoformat()}\t{state}\t{dashboard}\t{_describe(key.quota)}")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 
 from asyncproc.db import query
+from asyncproc.operations import InvalidInput, registry
 
 # `--max-running none` and the like remove a limit.
 UNSET = "none"
@@ -43,13 +44,23 @@ def run(conn: psycopg.Connection, args: Any) -> int:
     """`asyncproc limits ...`: print the outcome; the exit code."""
     action = args.limits_command
     if action == "set":
+        if not args.force:
+            try:
+                registry.require(args.operation)
+            except InvalidInput as exc:
+                raise LimitsError(
+                    f"{exc} (a worker with another ASYNCPROC_OPERATIONS_MODULE may know it: --force sets its limits anyway)"
+                ) from None
         set_limits(conn, args.operation, max_running=args.max_running, rate_per_second=args.rate, burst=args.burst)
         print(f"limits of {args.operation!r} set")
     elif action in ("pause", "resume"):
         pause(conn, args.operation, action == "pause")
         print(f"{args.operation!r} {action}d")
     else:
-        for row in conn.execute(query("operation_limits_list")):
+        rows = conn.execute(query("operation_limits_list")).fetchall()
+        if not rows:
+            print("no per-operation limits: `asyncproc limits set` sets some")
+        for row in rows:
             limits = [
                 f"max_running {row['max_running']}" if row["max_running"] is not None else "max_running -",
                 f"rate {row['rate_per_second']:g}/s burst {row['burst'] or '-'}" if row["rate_per_second"] else "rate -",

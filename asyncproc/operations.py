@@ -177,14 +177,19 @@ class Registry:
     def input_schemas(self) -> dict[str, dict[str, Any]]:
         return {name: self._operations[name].input_schema for name in self.names()}
 
-    def check(self, name: str, payload: dict[str, Any]) -> Handler:
-        """The handler for `name`, once `payload` passes its input_schema; else InvalidInput."""
+    def require(self, name: str) -> Operation:
+        """The operation registered as `name`; else InvalidInput naming those that are."""
         known = self._operations.get(name)
         if known is None:
             raise InvalidInput(
                 f"unknown operation {name!r}; known: {', '.join(self.names())}",
                 [{"field": "operation", "problem": "unknown operation"}],
             )
+        return known
+
+    def check(self, name: str, payload: dict[str, Any]) -> Handler:
+        """The handler for `name`, once `payload` passes its input_schema; else InvalidInput."""
+        known = self.require(name)
         problems = schema_problems(self._validators[name], payload, "data")
         if problems:
             summary = "; ".join(f"{p['field']} {p['problem']}" for p in problems)

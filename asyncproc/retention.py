@@ -21,6 +21,7 @@ import psycopg_pool
 from asyncproc import db
 from asyncproc.config import DatabaseSettings, RetentionSettings
 from asyncproc.db import query
+from asyncproc.humanize import duration
 from asyncproc.loops import wait_or_stop
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def due(conn: psycopg.Connection, settings: RetentionSettings) -> list[dict[str,
 
 
 def _keep_text(keep) -> str:
-    return "forever" if keep is None else str(keep)
+    return "forever" if keep is None else duration(keep)
 
 
 def run(database: DatabaseSettings, settings: RetentionSettings, dry_run: bool, out: TextIO) -> int:

@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from asyncproc.contract import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from asyncproc.db import query
+from asyncproc.humanize import duration
 from asyncproc.operations import InvalidInput, registry
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -167,8 +168,11 @@ def run(conn: psycopg.Connection, args: Any) -> int:
             raise ScheduleError(f"no schedule named {args.name!r}")
         print(f"schedule {args.name!r} removed")
         return 0
-    for schedule in list_schedules(conn):
-        when = f"cron {schedule.cron}" if schedule.cron else f"every {schedule.every_seconds}s"
+    found = list_schedules(conn)
+    if not found:
+        print("no schedules: `asyncproc schedules add` makes one")
+    for schedule in found:
+        when = f"cron {schedule.cron}" if schedule.cron else f"every {duration(schedule.every_seconds)}"
         state = "enabled" if schedule.enabled else "disabled"
         next_run = schedule.next_run_at.isoformat() if schedule.next_run_at else "-"
         line = f"{schedule.name}\t{when}\t{schedule.operation}\t{state}\tnext {next_run}"

@@ -9,8 +9,27 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from asyncproc import uplock
+from asyncproc import db, locate, uplock
+from asyncproc.config import Settings
 from asyncproc.db import query
+from asyncproc.errors import ConfigError
+from asyncproc.humanize import duration
+
+# The exit status of `asyncproc status` when nothing runs, as for `systemctl status`.
+NOT_RUNNING = 3
+
+
+def run(settings: Settings) -> int:
+    """`asyncproc status`: print the service, the queue and the workers; the exit status."""
+    print("\n".join(service_lines(settings.data_dir)))
+    try:
+        database_url = locate.database_url(settings)
+    except ConfigError as exc:
+        print(f"database: not running ({exc})")
+        return NOT_RUNNING
+    with db.connect(database_url, settings.db, "asyncproc-status") as conn:
+        print("\n".join(database_lines(conn, database_url)))
+    return 0
 
 
 def service_lines(data_dir: Path) -> list[str]:
@@ -48,12 +67,12 @@ def database_lines(conn: psycopg.Connection, database_url: str) -> list[str]:
     oldest = queue["oldest_pending_age"]
     lines.append(
         f"queue:    {queue['pending']} pending, {queue['ready']} ready to run"
-        + (f", oldest waiting {oldest.total_seconds():.1f}s" if oldest is not None else "")
+        + (f", oldest waiting {duration(oldest)}" if oldest is not None else "")
     )
     workers = conn.execute(query("status_workers")).fetchall()
     lines.append(f"workers:  {len(workers)}")
     for row in workers:
         lines.append(
-            f"  worker {row['id']}: {row['running']} running, last heartbeat {row['silent_for'].total_seconds():.1f}s ago"
+            f"  worker {row['id']}: {row['running']} running, last heartbeat {duration(row['silent_for'])} ago"
         )
     return lines

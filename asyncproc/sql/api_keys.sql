@@ -28,7 +28,8 @@ WHERE name = %(name)s AND revoked_at IS NULL
 RETURNING id
 
 -- name: api_key_list
-SELECT id, name, created_at, revoked_at, max_active_tasks, max_priority, max_batch_tasks, max_timeout_seconds
+SELECT id, name, created_at, revoked_at, max_active_tasks, max_priority, max_batch_tasks, max_timeout_seconds,
+       dashboard_role
 FROM api_keys
 ORDER BY created_at, id
 

@@ -23,15 +23,16 @@ def row(conn, operation: str) -> dict:
 
 
 def test_limits_are_set_kept_removed_paused_and_listed(settings_table, capsys):
-    assert cli.main(["limits", "set", "resize", "--max-running", "4"]) == 0
-    assert cli.main(["limits", "set", "resize", "--rate", "2.5", "--burst", "5"]) == 0
+    # resize is no operation of this process: --force, as for one that only the workers know.
+    assert cli.main(["limits", "set", "resize", "--max-running", "4", "--force"]) == 0
+    assert cli.main(["limits", "set", "resize", "--rate", "2.5", "--burst", "5", "--force"]) == 0
     assert row(settings_table, "resize") == {"max_running": 4, "rate_per_second": 2.5, "burst": 5, "paused": False}
-    assert cli.main(["limits", "set", "resize", "--max-running", "none"]) == 0
+    assert cli.main(["limits", "set", "resize", "--max-running", "none", "--force"]) == 0
     assert cli.main(["limits", "pause", "resize"]) == 0
     assert row(settings_table, "resize") == {"max_running": None, "rate_per_second": 2.5, "burst": 5, "paused": True}
-    assert cli.main(["limits", "set", "resize"]) == 1
+    assert cli.main(["limits", "set", "resize", "--force"]) == 1
     with pytest.raises(SystemExit):
-        cli.main(["limits", "set", "resize", "--rate", "0"])
+        cli.main(["limits", "set", "resize", "--rate", "0", "--force"])
     capsys.readouterr()
     assert cli.main(["limits", "list"]) == 0
     assert capsys.readouterr().out.split("\t") == [

@@ -173,7 +173,7 @@ def test_the_cli_adds_lists_and_removes_schedules(schedules, database_url, monke
     listed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[:3] for line in listed] == [
         ["nightly", "cron 0 3 * * *", "compute"],
-        ["often", "every 30s", "sleep"],
+        ["often", "every 30 s", "sleep"],
     ]
     assert cli.main(["schedules", "remove", "often"]) == 0
     assert cli.main(["schedules", "remove", "often"]) == 1
