@@ -131,10 +131,14 @@ class ApiSettings:
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0
     max_connections_per_address: int = 2000
-    # Comma-separated addresses or networks whose X-Forwarded-For is believed.
+    # Addresses or networks (as networks: 10.0.0.0/8, 192.0.2.5/32) whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed, by us and by gunicorn.
     trusted_proxies: tuple[str, ...] = ()
     # /metrics needs this bearer token when set; without it, it is open only when auth is off.
     metrics_token: str | None = None
+    # A dashboard session ends this long after its last request, and this long after sign-in.
+    dashboard_idle_seconds: float = 1800.0
+    dashboard_session_max_seconds: float = 43200.0
 
     @property
     def auth_required(self) -> bool:
@@ -173,6 +177,12 @@ class ApiSettings:
             ),
             trusted_proxies=reader.networks("ASYNCPROC_TRUSTED_PROXIES"),
             metrics_token=reader.secret("ASYNCPROC_METRICS_TOKEN"),
+            dashboard_idle_seconds=reader.number(
+                "ASYNCPROC_DASHBOARD_IDLE_SECONDS", default.dashboard_idle_seconds, 1, 30 * 86400
+            ),
+            dashboard_session_max_seconds=reader.number(
+                "ASYNCPROC_DASHBOARD_SESSION_MAX_SECONDS", default.dashboard_session_max_seconds, 1, 30 * 86400
+            ),
         )
 
 
@@ -481,10 +491,10 @@ class _Reader:
 
     def networks(self, name: str) -> tuple[str, ...]:
         def parse(value: str) -> tuple[str, ...]:
-            items = tuple(item.strip() for item in value.split(",") if item.strip())
-            for item in items:
-                ipaddress.ip_network(item, strict=False)
-            return items
+            # Normalised, because gunicorn refuses a network with host bits set (10.0.0.1/8).
+            return tuple(
+                str(ipaddress.ip_network(item.strip(), strict=False)) for item in value.split(",") if item.strip()
+            )
 
         return self._parse(name, (), parse, "comma-separated addresses or networks, for example 10.0.0.0/8")
 

@@ -36,6 +36,9 @@ class ApiServer(BaseApplication):
             "proc_name": "asyncproc-api",
             # Several APIs may run on one host (tests, scaling out); none needs it.
             "control_socket_disable": True,
+            # X-Forwarded-Proto (and so Secure cookies behind a TLS proxy) is believed from the
+            # proxies X-Forwarded-For is, and from no other peer: not even gunicorn's 127.0.0.1.
+            "forwarded_allow_ips": ",".join(settings.api.trusted_proxies),
         }
         super().__init__()
 

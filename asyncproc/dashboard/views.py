@@ -28,6 +28,18 @@ BULK = {
     "cancel": ("dashboard_tasks_bulk_cancel", ["pending", "running"]),
 }
 OPEN_VIEWS = frozenset({"dashboard.sign_in", "dashboard.static"})
+# Scripts, styles and images from the dashboard's static folder only: nothing
+# inline, so that text a page shows can never run. No page may be framed.
+CONTENT_SECURITY_POLICY = "; ".join((
+    "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self'", "font-src 'self'",
+    "connect-src 'self'", "form-action 'self'", "base-uri 'none'", "frame-ancestors 'none'",
+))
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 bp.add_app_template_filter(humanize.duration, "duration")
 
 
@@ -42,16 +54,29 @@ def _admit():
         # full_path ends in a bare "?" when there is no query string.
         return redirect(url_for("dashboard.sign_in", next=request.full_path if request.query_string else request.path))
     if request.method == "POST":
-        access.check_action(g.viewer)
+        access.check_token(g.viewer)
+        if request.endpoint != "dashboard.sign_out":
+            access.check_may_act(g.viewer)
     return None
 
 
 @bp.after_request
 def _finish(response: Response) -> Response:
     if g.get("set_cookie"):
-        access.set_cookie(response, g.viewer)
+        access.set_cookie(response, g.viewer.csrf_token)
     elapsed = (time.perf_counter() - g.dashboard_started) * 1000
     response.headers["Server-Timing"] = f"app;dur={elapsed:.1f}"
+    return response
+
+
+@bp.after_app_request
+def _harden(response: Response) -> Response:
+    # Every answer under /dashboard, a 404 or a refusal before any view included.
+    if request.path == bp.url_prefix or request.path.startswith(f"{bp.url_prefix}/"):
+        response.headers.update(SECURITY_HEADERS)
+        if request.endpoint != "dashboard.static":
+            # Pages show payloads and results: no cache may keep them.
+            response.headers["Cache-Control"] = "no-store"
     return response
 
 
@@ -298,15 +323,18 @@ def sign_in():
     target = request.values.get("next") or url_for("dashboard.overview")
     if not target.startswith("/dashboard"):
         target = url_for("dashboard.overview")
+    token, new = access.sign_in_form_token()
     if request.method == "GET":
-        return _page("sign_in.html", next=target, error=None)
+        page = _page("sign_in.html", next=target, error=None, form_token=token)
+        return access.set_cookie(page, token) if new else page
     try:
         who = access.sign_in(request.form.get("api_key", ""))
-    except access.Forbidden as refused:
-        return _page("sign_in.html", 401, next=target, error=str(refused))
-    return access.set_cookie(redirect(target, 303), who)
+    except access.UnknownKey as refused:
+        return _page("sign_in.html", 401, next=target, error=str(refused), form_token=token)
+    return access.set_cookie(redirect(target, 303), who.csrf_token, who.session)
 
 
 @bp.post("/sign-out")
 def sign_out():
+    access.sign_out(g.viewer)
     return access.clear_cookie(redirect(url_for("dashboard.sign_in"), 303))

@@ -53,7 +53,8 @@ def status_of(conn, task_id: str) -> str:
 
 
 def sign_in(client, key: str):
-    return client.post("/dashboard/sign-in", data={"api_key": key, "next": "/dashboard/tasks"})
+    token = TOKEN.search(client.get("/dashboard/sign-in").get_data(as_text=True)).group(1)
+    return client.post("/dashboard/sign-in", data={"api_key": key, "csrf_token": token, "next": "/dashboard/tasks"})
 
 
 def token_from(client, task_id: str) -> str:
