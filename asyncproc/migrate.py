@@ -53,6 +53,9 @@ from pathlib import Path
 import procrastinate
 import psycopg
 from procrastinate.schema import SchemaManager
+from psycopg.rows import tuple_row
+
+from asyncproc import db
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,35 @@ LEGACY_MIGRATIONS = (
 
 class MigrationError(Exception):
     pass
+
+
+# The schema generation this release's code is written for, which
+# migrations/current/05_schema_generation.sql must serve. A release whose code
+# relies on a schema change of its own raises it and that file's `generation`
+# together (docs/production.md, "Upgrading").
+CODE_GENERATION = 1
+
+
+def check_schema_serves_this_code(conn: psycopg.Connection) -> None:
+    """MigrationError, one line saying what to run, when the database's schema does not serve this release's code."""
+    try:
+        with conn.cursor(row_factory=tuple_row) as cursor:
+            generation, oldest = cursor.execute(db.query("schema_generation")).fetchone()
+    except psycopg.errors.UndefinedFunction:
+        raise MigrationError(
+            "the database records no schema generation (a release before it, or no `asyncproc migrate` yet):"
+            " run this release's `asyncproc migrate` first"
+        ) from None
+    if generation < CODE_GENERATION:
+        raise MigrationError(
+            f"the database's schema is generation {generation}, older than this release's code (generation"
+            f" {CODE_GENERATION}): run this release's `asyncproc migrate` first"
+        )
+    if oldest > CODE_GENERATION:
+        raise MigrationError(
+            f"the database was migrated by a newer asyncproc (schema generation {generation}), which no longer serves"
+            f" this release's code (generation {CODE_GENERATION}; it serves {oldest} and later): run the newer release"
+        )
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Callable
 
 import psycopg
 
-from asyncproc import db
+from asyncproc import db, migrate
 from asyncproc.config import DatabaseSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,15 @@ class Lease:
     # -- its life ----------------------------------------------------------------
 
     def acquire(self) -> int:
-        """Register a lease, trying until the database answers; its worker id (blocking)."""
+        """Register a lease, trying until the database answers; its worker id (blocking).
+
+        MigrationError when the database's schema does not serve this release: checked
+        here, where the worker first reaches its database, and not again when a lost
+        lease is registered anew, which a running worker must survive.
+        """
         while True:
             try:
+                migrate.check_schema_serves_this_code(self._connected())
                 return self._register()
             except psycopg.Error as exc:
                 log.warning("lease: cannot register (%s); retrying", db.describe_error(exc))
@@ -233,12 +239,13 @@ class Lease:
 
     # -- the connection --------------------------------------------------------------
 
-    def _execute(self, name: str, **params: object) -> dict | None:
+    def _statement_seconds(self) -> float:
         # A statement that takes longer than a heartbeat is as good as failed.
-        # The server's timeouts cannot end a wait on a connection cut
-        # silently, so the socket is shut down under it, which fails it at once.
-        timeout = max(0.1, self._settings.heartbeat_seconds)
+        return max(0.1, self._settings.heartbeat_seconds)
+
+    def _connected(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
+            timeout = self._statement_seconds()
             kwargs = db.connect_kwargs(self._database, "asyncproc-worker-lease")
             kwargs["connect_timeout"] = max(1, math.ceil(timeout))
             timeout_ms = int(timeout * 1000)
@@ -248,10 +255,16 @@ class Lease:
                 options=f"{db.NO_JIT} -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
                 **kwargs,
             )
-        watchdog = threading.Timer(timeout, db.sever_connection, (self._conn,))
+        return self._conn
+
+    def _execute(self, name: str, **params: object) -> dict | None:
+        conn = self._connected()
+        # The server's timeouts cannot end a wait on a connection cut
+        # silently, so the socket is shut down under it, which fails it at once.
+        watchdog = threading.Timer(self._statement_seconds(), db.sever_connection, (conn,))
         watchdog.start()
         try:
-            return self._conn.execute(db.query(name), params).fetchone()
+            return conn.execute(db.query(name), params).fetchone()
         finally:
             watchdog.cancel()
 

@@ -8,10 +8,11 @@ import resource
 import shutil
 import tempfile
 
+import psycopg
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from asyncproc import logs
+from asyncproc import db, logs, migrate
 from asyncproc.config import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,19 @@ def _gunicorn_logger(fmt: str) -> type[glogging.Logger]:
     return Logger
 
 
+def _refuse_a_schema_that_does_not_serve_it(settings: Settings) -> None:
+    """MigrationError when the database's schema does not serve this release (docs/production.md, "Upgrading")."""
+    try:
+        conn = db.connect(settings.db.url, settings.db, "asyncproc-api")
+    except psycopg.OperationalError as exc:
+        # The API starts without its database and answers 503 until it is
+        # back; a worker, which cannot start without it, checks at its lease.
+        log.warning("cannot check the database's schema generation (%s); starting without the check", db.describe_error(exc))
+        return
+    with conn:
+        migrate.check_schema_serves_this_code(conn)
+
+
 def _raise_open_files_limit() -> None:
     """Each waiting client holds a socket: allow as many as the hard limit does."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -97,6 +111,7 @@ def _yield_cpu_to_workers(nice: int) -> None:
 
 
 def run(settings: Settings, bind: str, workers: int) -> None:
+    _refuse_a_schema_that_does_not_serve_it(settings)
     _raise_open_files_limit()
     _yield_cpu_to_workers(settings.api.nice)
     # /metrics must add up every gunicorn process. prometheus_client keeps each
