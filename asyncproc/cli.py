@@ -66,16 +66,6 @@ def _integer(low: int, high: int) -> Callable[[str], object]:
 _BIND = _checked(parse_bind, BIND_EXPECTED)
 
 
-def _number(low: float, high: float) -> Callable[[str], object]:
-    def parse(text: str) -> float:
-        number = float(text)
-        if not low <= number <= high:
-            raise ValueError
-        return number
-
-    return _checked(parse, f"a number from {low:g} to {high:g}")
-
-
 def _limit(parse: Callable[[str], object]) -> Callable[[str], object]:
     """A limit's value, or `none` to remove the limit."""
 
@@ -172,9 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     limit_set = limit_commands.add_parser("set", help="set limits of an operation across every worker")
     limit_set.add_argument("operation")
-    limit_set.add_argument("--max-running", type=_limit(_integer(0, 1_000_000)), metavar="N|none", help="tasks running at once")
-    limit_set.add_argument("--rate", type=_limit(_number(0.001, 1_000_000)), metavar="R|none", help="starts per second")
-    limit_set.add_argument("--burst", type=_limit(_integer(1, 1_000_000)), metavar="B|none", help="starts at once (default: the rate, rounded up)")
+    # Their bounds are the database's (asyncproc.limits.set_limits asks), so that the CLI, SQL and the claim agree.
+    limit_set.add_argument("--max-running", type=_limit(_checked(int, "an integer")), metavar="N|none", help="tasks running at once")
+    limit_set.add_argument("--rate", type=_limit(_checked(float, "a number")), metavar="R|none", help="starts per second")
+    limit_set.add_argument("--burst", type=_limit(_checked(int, "an integer")), metavar="B|none",
+                           help="starts at once (default: the rate, rounded up)")
     limit_set.add_argument("--force", action="store_true",
                            help="set limits of an operation this command does not know (one in another operations module)")
     limit_commands.add_parser("pause", help="start no more tasks of an operation").add_argument("operation")
@@ -201,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="rows in figure 11's ledger (default 10,000,000; 20,000 with --quick)")
     bench.add_argument("--output", metavar="FILE", help="also write the markdown tables to FILE (for the README)")
     bench.add_argument("--dashboard", type=_integer(1, 1_000_000_000), metavar="ROWS", help="instead: time the dashboard's pages with ROWS tasks")
+    bench.add_argument("--peers", action="store_true",
+                       help="instead: measure asyncproc beside PgQueuer, Oban, Procrastinate and Celery (docs/performance.md)")
+    bench.add_argument("--peer", action="append", choices=["procrastinate", "pgqueuer", "oban", "celery"],
+                       help="with --peers: only this peer (repeatable; default all)")
+    bench.add_argument("--docs", metavar="FILE", help="with --peers: also put the report into FILE's peers section")
     return parser
 
 
@@ -333,6 +330,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             from asyncproc.bench import dashboard as dashboard_bench
 
             return dashboard_bench.run(settings, rows=args.dashboard)
+        if args.peers:
+            from asyncproc.bench.peers import compare
+
+            return compare.run(settings, quick=args.quick, only=args.peer, output=args.output, docs=args.docs)
         from asyncproc.bench import run as bench
 
         return bench.run(settings, quick=args.quick, ledger_rows=args.ledger_rows, output=args.output)

@@ -30,6 +30,10 @@ def set_limits(conn: psycopg.Connection, operation: str, **given: Any) -> None:
         params[name] = None if value in (None, UNSET) else value
     if not any(params[flag] for flag in ("set_max_running", "set_rate", "set_burst")):
         raise LimitsError("give at least one of --max-running, --rate, --burst")
+    # Asked of the database, which holds the bounds once for its CHECK, its claim and this command.
+    problem = conn.execute(query("operation_limits_problem"), params).fetchone()["problem"]
+    if problem is not None:
+        raise LimitsError(f"refused: {problem}")
     try:
         conn.execute(query("operation_limits_set"), params)
     except psycopg.errors.CheckViolation as exc:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from croniter import CroniterError, croniter
+from croniter import CroniterBadDateError, CroniterError, croniter
 from psycopg.types.json import Jsonb
 
 from asyncproc.contract import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
@@ -46,6 +46,7 @@ class Timing:
                 self.cron
             ):
                 raise ScheduleError(f"{self.cron!r} is not a five-field cron expression (UTC) or an alias such as @hourly")
+            self.after(datetime.now(timezone.utc))
         elif not 1 <= self.every_seconds <= 366 * 86400:
             raise ScheduleError("every_seconds must be from 1 to 31622400")
 
@@ -54,22 +55,27 @@ class Timing:
         if self.every_seconds is not None:
             periods = int((now - _EPOCH).total_seconds() // self.every_seconds)
             return _EPOCH + timedelta(seconds=periods * self.every_seconds)
-        previous = self._cron(now).get_prev(datetime)
+        previous = self._step(now, forward=False)
         # get_prev is strictly before its start; `now` itself may be an occurrence.
-        following = self._cron(previous).get_next(datetime)
+        following = self._step(previous, forward=True)
         return following if following <= now else previous
 
     def after(self, moment: datetime) -> datetime:
         """The first occurrence strictly after `moment`."""
         if self.every_seconds is not None:
             return self.latest(moment) + timedelta(seconds=self.every_seconds)
-        return self._cron(moment).get_next(datetime)
+        return self._step(moment, forward=True)
 
-    def _cron(self, start: datetime) -> croniter:
+    def _step(self, start: datetime, forward: bool) -> datetime:
         try:
-            return croniter(self.cron, start)
+            cron = croniter(self.cron, start)
         except (CroniterError, ValueError) as exc:
             raise ScheduleError(f"cron {self.cron!r}: {exc}") from None
+        try:
+            return cron.get_next(datetime) if forward else cron.get_prev(datetime)
+        except CroniterBadDateError:
+            # A day that no month has (0 0 30 2 *): croniter gives up after its search.
+            raise ScheduleError(f"{self.cron!r} never fires") from None
 
 
 def due_occurrence(

@@ -21,7 +21,7 @@ from asyncproc.schedules import Schedule, ScheduleError, due_occurrence
 
 log = logging.getLogger(__name__)
 
-# After a timing it cannot compute (a bad cron written with SQL), look again this much later.
+# After a timing it cannot compute or that never fires (a bad cron written with SQL), look again this much later.
 BROKEN_RETRY_SECONDS = 60
 
 
@@ -47,6 +47,8 @@ async def enqueue_due(conn: psycopg.AsyncConnection, misfire_seconds: float) -> 
 async def _advance(conn: psycopg.AsyncConnection, schedule: Schedule, now: datetime, misfire_seconds: float) -> int:
     timing = schedule.timing
     try:
+        # The table's CHECK is only the shape, and a row may predate it (a six-field cron fired every second).
+        timing.check()
         due = None
         if schedule.next_run_at is not None:
             due = due_occurrence(timing, schedule.next_run_at, now, schedule.catch_up, misfire_seconds)

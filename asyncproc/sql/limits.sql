@@ -1,5 +1,9 @@
 -- Named queries on asyncproc_operation_settings.
 
+-- name: operation_limits_problem
+-- Why these limits would be refused, or NULL: the bounds of the CHECK (migrations/0026_limit_and_cron_checks.sql).
+SELECT asyncproc_operation_limits_problem(%(max_running)s, %(rate_per_second)s, %(burst)s) AS problem
+
 -- name: operation_limits_set
 -- Only the limits given change; a NULL parameter keeps the current value.
 INSERT INTO asyncproc_operation_settings (operation, max_running, rate_per_second, burst)

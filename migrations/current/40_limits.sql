@@ -7,6 +7,10 @@
 -- not. The limits row stays locked until the claim commits, so claims of one
 -- limited operation are serialised and the running count is exact across
 -- workers; a row that another transaction holds is skipped, never waited for.
+-- No stored value can make it raise, which would fail the whole fetch and so
+-- hold back every operation: a row that breaks the limits' CHECK (written
+-- before it, 0026) holds back its own operation, and the bucket's arithmetic
+-- is clamped, whatever tokens and tokens_at hold.
 CREATE OR REPLACE FUNCTION asyncproc_operation_admit(op text) RETURNS text
     LANGUAGE plpgsql
     SET search_path FROM CURRENT
@@ -16,6 +20,7 @@ DECLARE
     running bigint;
     capacity double precision;
     refilled double precision;
+    problem text;
 BEGIN
     SELECT * INTO limits FROM asyncproc_operation_settings WHERE operation = op FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
@@ -27,6 +32,10 @@ BEGIN
     IF limits.paused THEN
         RETURN 'paused: asyncproc limits resume ' || op;
     END IF;
+    problem := asyncproc_operation_limits_problem(limits.max_running, limits.rate_per_second, limits.burst);
+    IF problem IS NOT NULL THEN
+        RETURN 'invalid limits: ' || problem;
+    END IF;
     IF limits.max_running IS NOT NULL THEN
         SELECT count(*) INTO running FROM tasks WHERE status = 'running' AND operation = op;
         IF running >= limits.max_running THEN
@@ -35,8 +44,13 @@ BEGIN
     END IF;
     IF limits.rate_per_second IS NOT NULL THEN
         capacity := coalesce(limits.burst, ceil(limits.rate_per_second));
-        refilled := least(capacity, coalesce(limits.tokens, capacity)
-                          + limits.rate_per_second * extract(epoch FROM clock_timestamp() - coalesce(limits.tokens_at, clock_timestamp())));
+        -- NaN is greater than every number, so least() turns NaN tokens into
+        -- a full bucket; epochs, unlike timestamps, subtract when infinite.
+        refilled := least(capacity, greatest(0, coalesce(limits.tokens, capacity))
+                          + limits.rate_per_second
+                            * greatest(0, least(capacity / limits.rate_per_second,
+                                                extract(epoch FROM clock_timestamp())
+                                                - extract(epoch FROM coalesce(limits.tokens_at, clock_timestamp())))));
         IF refilled < 1 THEN
             UPDATE asyncproc_operation_settings SET tokens = refilled, tokens_at = clock_timestamp() WHERE operation = op;
             RETURN format('rate: %s per second', limits.rate_per_second);

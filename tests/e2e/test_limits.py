@@ -109,3 +109,46 @@ def test_the_rate_holds_across_the_fleet(fleet, limits, clean_db):
     ]
     # One token at once, five a second: six starts span at least a second.
     assert (starts[-1] - starts[0]).total_seconds() >= 0.95, starts
+
+
+@pytest.fixture
+def unchecked_limits(limits, clean_db):
+    """The settings table without its CHECK on the limits, as in a database whose rows predate it."""
+    check = clean_db.execute(
+        "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint WHERE conname = 'asyncproc_operation_settings_limits'"
+    ).fetchone()
+    if check:
+        clean_db.execute(f"ALTER TABLE asyncproc_operation_settings DROP CONSTRAINT {check['conname']}")
+    yield clean_db
+    clean_db.execute("DELETE FROM asyncproc_operation_settings")
+    if check:
+        clean_db.execute(f"ALTER TABLE asyncproc_operation_settings ADD CONSTRAINT {check['conname']} {check['definition']}")
+
+
+@pytest.mark.parametrize("rate", ["1e-300", "1e308", "NaN", "Infinity"])
+def test_a_bad_stored_rate_holds_back_its_own_operation_only(fleet, unchecked_limits, rate):
+    """1e-300 overflowed the park and 1e308 the token bucket, failing every fetch that met such a task; NaN and
+    Infinity meant no limit. The bucket was last filled an hour ago, so that 1e308 overflows at the first claim."""
+    conn = unchecked_limits
+    conn.execute(
+        "INSERT INTO asyncproc_operation_settings (operation, rate_per_second, tokens, tokens_at)"
+        " VALUES ('async_echo', %s::double precision, 0, now() - interval '1 hour')",
+        (rate,),
+    )
+    # Queued first, so that a fetch meets them before the other operation's.
+    held = insert(conn, "async_echo", "{}", 3)
+    others = insert(conn, "shout", '{"text": "on"}', 3)
+    wait_for(lambda: all_completed(conn, others), 15, f"the other operation's tasks to complete (logs in {fleet.logs})")
+
+    def held_for_the_row() -> bool:
+        # "busy" first, for a task whose fetch met the row while another fetch had it: tried again a second later.
+        rows = conn.execute("SELECT status, wait_reason FROM tasks WHERE task_id = ANY(%s::uuid[])", (held,)).fetchall()
+        return all(
+            row["status"] == "pending" and (row["wait_reason"] or "").startswith("invalid limits: rate_per_second must be from")
+            for row in rows
+        )
+
+    wait_for(held_for_the_row, 10, "the bad row's tasks to be held, and say why")
+    # Setting the row right lets them go at once.
+    conn.execute("UPDATE asyncproc_operation_settings SET rate_per_second = NULL WHERE operation = 'async_echo'")
+    wait_for(lambda: all_completed(conn, held), 15, f"the held tasks to complete (logs in {fleet.logs})")

@@ -34,7 +34,7 @@ def test_cron_occurrences_include_now_itself():
     assert timing.after(at("2026-01-01T10:00:00")) == at("2026-01-01T11:00:00")
 
 
-@pytest.mark.parametrize("cron", ["61 * * * *", "* * * * * *", "every minute", "@sometimes"])
+@pytest.mark.parametrize("cron", ["61 * * * *", "* * * * * *", "every minute", "@sometimes", "0 0 30 2 *", "0 0 31 4 *"])
 def test_bad_cron_expressions_are_refused(cron):
     with pytest.raises(ScheduleError):
         Timing(cron=cron).check()
@@ -151,14 +151,27 @@ def test_a_disabled_schedule_enqueues_nothing_and_an_edit_starts_afresh(schedule
     assert schedules.execute("SELECT next_run_at FROM asyncproc_schedules WHERE name = 'off'").fetchone()["next_run_at"] is None
 
 
-def test_a_bad_cron_written_with_sql_is_reported_not_fatal(schedules, database_url):
+@pytest.mark.parametrize("cron, error", [("61 * * * *", "61 * * * *"), ("0 0 30 2 *", "never fires")])
+def test_a_bad_cron_written_with_sql_is_reported_not_fatal(schedules, database_url, cron, error):
+    """Looked at again a minute later, and the other due schedules still run."""
     schedules.execute(
-        "INSERT INTO asyncproc_schedules (name, cron, operation, next_run_at) "
-        "VALUES ('broken', 'not a cron', 'compute', now() - interval '1 second')"
+        "INSERT INTO asyncproc_schedules (name, cron, every_seconds, operation, next_run_at) "
+        "VALUES ('broken', %s, NULL, 'compute', now() - interval '1 second'),"
+        " ('fine', NULL, 3600, 'compute', now() - interval '1 second')",
+        (cron,),
     )
-    assert tick(database_url) == 0
+    assert tick(database_url) == 1
     row = schedules.execute("SELECT last_error, next_run_at FROM asyncproc_schedules WHERE name = 'broken'").fetchone()
-    assert "not a cron" in row["last_error"] and row["next_run_at"] > datetime.now(UTC)
+    assert error in row["last_error"] and row["next_run_at"] > datetime.now(UTC) + timedelta(seconds=30)
+    assert tick(database_url) == 0
+    assert len(scheduled_tasks(schedules, "fine")) == 1
+
+
+def test_the_cli_refuses_a_cron_that_never_fires(schedules, database_url, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert cli.main(["schedules", "add", "never", "compute", "--cron", "0 0 30 2 *"]) == 1
+    assert "'0 0 30 2 *' never fires" in capsys.readouterr().err
+    assert schedules.execute("SELECT count(*) AS n FROM asyncproc_schedules").fetchone()["n"] == 0
 
 
 def test_the_cli_adds_lists_and_removes_schedules(schedules, database_url, monkeypatch, capsys):
