@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from asyncproc import db, migrate
 from asyncproc.config import Settings
-from tests.support import connect
+from tests.support import bare_env, connect
 
 
 def _migrated(empty_database) -> str:
@@ -35,7 +35,7 @@ def fresh_url(empty_database) -> str:
 def asyncproc(directory: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", *args],
-        env={"PATH": "/usr/bin:/bin", "ASYNCPROC_DATA_DIR": str(directory), **env},
+        env=bare_env(ASYNCPROC_DATA_DIR=str(directory), **env),
         cwd=directory,
         capture_output=True,
         text=True,
