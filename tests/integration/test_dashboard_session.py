@@ -3,6 +3,7 @@ sessions that end, a sign-in that refuses cross-site posts, the security headers
 
 from __future__ import annotations
 
+import html
 import re
 import time
 import uuid
@@ -257,3 +258,18 @@ def test_a_confirmed_count_that_is_not_plain_digits_is_a_400(open_app, conn):
         response = client.post("/dashboard/tasks/bulk", data={
             "csrf_token": token, "action": "cancel", "operation": "nothing-matches", "confirmed": confirmed})
         assert response.status_code == 400, confirmed
+
+
+def test_the_next_links_cursor_is_utc_and_pages_on(open_app, conn):
+    operation = f"page{uuid.uuid4().hex[:8]}"
+    conn.execute(
+        "INSERT INTO tasks (operation, scheduled_at) SELECT %s, now() + interval '1 hour' FROM generate_series(1, 51)",
+        (operation,),
+    )
+    client = open_app.test_client()
+    first = client.get(f"/dashboard/tasks?operation={operation}").get_data(as_text=True)
+    next_link = html.unescape(re.search(r'id="next-page" href="([^"]+)"', first).group(1))
+    assert "%2B00:00_" in next_link
+    second = client.get(next_link)
+    assert second.status_code == 200
+    assert second.get_data(as_text=True).count('class="task-link') == 1
