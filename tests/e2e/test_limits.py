@@ -98,7 +98,7 @@ def test_a_paused_operation_keeps_its_tasks_pending_until_resumed(fleet, limits,
 
 
 def test_the_rate_holds_across_the_fleet(fleet, limits, clean_db):
-    limits("set", "async_echo", "--rate", "5", "--burst", "1")
+    limits("set", "async_echo", "--rate", "5", "--burst", "1", "--force")
     task_ids = insert(clean_db, "async_echo", "{}", 6)
     wait_for(lambda: all_completed(clean_db, task_ids), 30, f"the tasks to complete (logs in {fleet.logs})")
     starts = [
