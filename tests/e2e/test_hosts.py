@@ -28,7 +28,7 @@ from asyncproc import db
 from asyncproc.embedded import EmbeddedPostgres
 from asyncproc.locate import EMBEDDED_DATABASE
 from tests.conftest import wait_for
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -116,9 +116,7 @@ def _recipe(database_url: str) -> dict[str, tuple[dict[str, str], list[str]]]:
 
 
 def _host_env(variables: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("ASYNCPROC_")}
-    env.update(ASYNCPROC_COMPUTE_SECONDS="0", **variables)
-    return env
+    return user_env(ASYNCPROC_COMPUTE_SECONDS="0", **variables)
 
 
 def test_apis_and_workers_on_three_hosts_share_one_postgresql(network, tmp_path):

@@ -19,7 +19,7 @@ import requests
 
 from asyncproc.embedded import EmbeddedPostgres
 from tests.conftest import free_port, wait_for
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -27,9 +27,7 @@ README = (PROJECT_ROOT / "README.md").read_text()
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL") and not k.startswith("ASYNCPROC_")}
-    env.update(ASYNCPROC_COMPUTE_SECONDS="0", ASYNCPROC_SHUTDOWN_GRACE_SECONDS="20", **extra)
-    return env
+    return user_env(ASYNCPROC_COMPUTE_SECONDS="0", ASYNCPROC_SHUTDOWN_GRACE_SECONDS="20", **extra)
 
 
 def _up(cwd: Path, port: int, log_path: Path, **extra: str) -> subprocess.Popen:
