@@ -328,6 +328,8 @@ class Asyncproc:
         with closing(psycopg.connect(self.h.database_url, autocommit=True)) as conn:
             conn.execute("INSERT INTO tasks (operation, payload) SELECT %s, '{}' FROM generate_series(1, %s)",
                          (operation, tasks))
+            # Statistics that know the preloaded queue, as for the peers (PeerSystem.analyze).
+            conn.execute("ANALYZE tasks, procrastinate_jobs")
         return drain(tasks, self.h.database_url, self.LEFT, None, lambda: self.workers.extend(self.h.start_workers(WORKERS)),
                      self._stop_workers, ROLES)
 
@@ -439,6 +441,12 @@ class PeerSystem:
         with closing(psycopg.connect(self.database_url, autocommit=True)) as conn:
             return conn.execute(self.queries.remaining).fetchone()[0]
 
+    def analyze(self) -> None:
+        """Statistics that know the preloaded queue, as autovacuum would soon take them."""
+        if self.database_url is not None:
+            with closing(psycopg.connect(self.database_url, autocommit=True)) as conn:
+                conn.execute("ANALYZE")
+
     def reset(self) -> None:
         if self.queries is None:
             keys = list(self.redis.scan_iter(match=self.prefix + "*"))
@@ -482,6 +490,7 @@ class PeerSystem:
         self.reset()
         try:
             self._run("preload", "--count", str(sizes.drain_tasks))
+            self.analyze()
             if self.queries is None:
                 found.drains[""] = drain(sizes.drain_tasks, None, None, self.remaining, self._start_workers,
                                          self._stop_workers, ("workers", "Redis"))
@@ -533,6 +542,18 @@ def _spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     return f"{middle} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
+def _summary(found: Figures) -> str:
+    """One round of one system on one line, so that a run cut short still shows what it measured."""
+    parts = [f"drain{' ' + name if name else ''} {d.rate:,.0f}/s" for name, d in found.drains.items()]
+    parts += [f"enqueue ({path}) {rate:,.0f}/s" for path, rate in found.enqueue.items()]
+    if found.pickup:
+        parts.append(f"pickup p50 {figures.percentile(found.pickup, 50) * MS:.1f} ms,"
+                     f" p99 {figures.percentile(found.pickup, 99) * MS:.1f} ms")
+    if found.sustained is not None:
+        parts.append(f"sustained {found.sustained.completed_rate:,.0f}/s, {found.sustained.backlog:,} left")
+    return "; ".join(parts)
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -570,7 +591,9 @@ class Comparison:
             for number in range(1, self.sizes.rounds + 1):
                 for system in self.systems:
                     self.say(f"round {number}: {system.label}")
-                    self.runs.setdefault(system.label, []).append(system.measure(self.sizes))
+                    found = system.measure(self.sizes)
+                    self.runs.setdefault(system.label, []).append(found)
+                    self.say(f"round {number}: {system.label}: {_summary(found)}")
         finally:
             for system in self.systems:
                 system.close()
