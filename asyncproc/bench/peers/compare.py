@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import os
 import platform
 import shutil
@@ -49,8 +48,6 @@ from asyncproc.bench.harness import Harness
 from asyncproc.bench.peers import venvs
 from asyncproc.bench.polling import wait_until
 from asyncproc.config import Settings
-
-log = logging.getLogger(__name__)
 
 WORKERS = 2
 CONCURRENCY = 10
