@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 import pytest
+from flask import Flask
 from psycopg.rows import dict_row
 
 from asyncproc import db, keys

@@ -32,7 +32,6 @@ from asyncproc.dashboard import queries
 from asyncproc.db import query, translate_errors
 
 COOKIE = "asyncproc_dashboard"
-ROLES = ("read", "operate")
 # A session's last activity is written when it is older than this share of the
 # idle time: an idle session ends up to a tenth early, and pages seldom write.
 _TOUCH_SHARE = 0.1

@@ -11,56 +11,22 @@ import uuid
 import pytest
 
 from asyncproc import keys
-from asyncproc.api import create_app
-from asyncproc.config import ApiSettings, DatabaseSettings, Settings, WorkerSettings
+from asyncproc.config import WorkerSettings
 from asyncproc.embedded import find_bindir
-from tests.support import PROJECT_ROOT
-
-TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def make_app(database_url: str, **api):
-    return create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(**api)))
-
-
-@pytest.fixture(scope="module")
-def guarded_app(database_url):
-    application = make_app(database_url, auth="required")
-    yield application
-    application.extensions["asyncproc"].close()
-
-
-@pytest.fixture(scope="module")
-def open_app(database_url):
-    application = make_app(database_url)
-    yield application
-    application.extensions["asyncproc"].close()
-
+from tests.support import CSRF_TOKEN, PROJECT_ROOT, dashboard_sign_in, later_task
 
 def new_key(conn, role: str | None, name: str | None = None) -> str:
     return keys.create(conn, name or f"dash-{uuid.uuid4().hex[:12]}", role)
-
-
-def pending_task(conn) -> str:
-    row = conn.execute(
-        "INSERT INTO tasks (operation, payload, scheduled_at) VALUES ('sleep', '{}', now() + interval '1 hour') RETURNING task_id"
-    ).fetchone()
-    return str(row["task_id"])
 
 
 def status_of(conn, task_id: str) -> str:
     return conn.execute("SELECT status FROM tasks WHERE task_id = %s", (task_id,)).fetchone()["status"]
 
 
-def sign_in(client, key: str):
-    token = TOKEN.search(client.get("/dashboard/sign-in").get_data(as_text=True)).group(1)
-    return client.post("/dashboard/sign-in", data={"api_key": key, "csrf_token": token, "next": "/dashboard/tasks"})
-
-
 def token_from(client, task_id: str) -> str:
     page = client.get(f"/dashboard/tasks/{task_id}")
     assert page.status_code == 200
-    return TOKEN.search(page.get_data(as_text=True)).group(1)
+    return CSRF_TOKEN.search(page.get_data(as_text=True)).group(1)
 
 
 def test_with_auth_required_the_dashboard_asks_for_a_key_with_a_dashboard_role(guarded_app, conn):
@@ -68,17 +34,17 @@ def test_with_auth_required_the_dashboard_asks_for_a_key_with_a_dashboard_role(g
     asked = client.get("/dashboard/tasks?status=failed")
     assert asked.status_code == 302
     assert asked.headers["Location"].startswith("/dashboard/sign-in?next=/dashboard/tasks")
-    refused = sign_in(client, new_key(conn, None))
+    refused = dashboard_sign_in(client, new_key(conn, None))
     assert refused.status_code == 401
     assert "no dashboard role" in refused.get_data(as_text=True)
-    assert sign_in(client, "apk_1_not-a-key").status_code == 401
+    assert dashboard_sign_in(client, "apk_1_not-a-key").status_code == 401
     assert client.get("/dashboard").status_code == 302
 
 
 def test_a_read_key_sees_but_cannot_act(guarded_app, conn):
     client = guarded_app.test_client()
-    task_id = pending_task(conn)
-    signed_in = sign_in(client, new_key(conn, "read"))
+    task_id = later_task(conn)
+    signed_in = dashboard_sign_in(client, new_key(conn, "read"))
     assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/dashboard/tasks"
     page = client.get(f"/dashboard/tasks/{task_id}").get_data(as_text=True)
     assert 'id="cancel"' not in page
@@ -91,9 +57,9 @@ def test_a_read_key_sees_but_cannot_act(guarded_app, conn):
 
 def test_an_operate_key_acts_only_with_the_sessions_csrf_token(guarded_app, conn):
     client = guarded_app.test_client()
-    task_id = pending_task(conn)
+    task_id = later_task(conn)
     name = f"dash-{uuid.uuid4().hex[:12]}"
-    sign_in(client, new_key(conn, "operate", name))
+    dashboard_sign_in(client, new_key(conn, "operate", name))
     assert client.post(f"/dashboard/tasks/{task_id}/cancel").status_code == 403
     assert client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf_token": "forged"}).status_code == 403
     assert status_of(conn, task_id) == "pending"
@@ -113,7 +79,7 @@ def test_an_operate_key_acts_only_with_the_sessions_csrf_token(guarded_app, conn
 
 def test_with_auth_off_anyone_may_act_but_only_with_the_csrf_token(open_app, conn):
     client = open_app.test_client()
-    task_id = pending_task(conn)
+    task_id = later_task(conn)
     assert client.post(f"/dashboard/tasks/{task_id}/cancel").status_code == 403
     other = open_app.test_client()
     stolen_elsewhere = token_from(other, task_id)
@@ -134,7 +100,7 @@ def test_bulk_confirmation_counts_what_the_change_then_changes(open_app, conn):
     confirm = client.get(f"/dashboard/tasks/bulk?action=cancel&operation={operation}").get_data(as_text=True)
     assert "This will cancel <strong>3</strong> task(s)" in confirm
     assert "asyncproc_cancel(t.task_id)" in confirm
-    token = TOKEN.search(confirm).group(1)
+    token = CSRF_TOKEN.search(confirm).group(1)
     form = {"csrf_token": token, "action": "cancel", "operation": operation, "confirmed": "3"}
     conn.execute("INSERT INTO tasks (operation, scheduled_at) VALUES (%s, now() + interval '1 hour')", (operation,))
     moved = client.post("/dashboard/tasks/bulk", data=form)
@@ -154,7 +120,7 @@ def test_bulk_confirmation_counts_what_the_change_then_changes(open_app, conn):
 
 
 def test_the_shown_sql_runs_in_psql_and_gives_the_page(open_app, conn, database_url):
-    task_id = pending_task(conn)
+    task_id = later_task(conn)
     page = open_app.test_client().get("/dashboard/tasks?operation=sleep&status=pending").get_data(as_text=True)
     shown = re.search(r'<details class="sql"><summary>Show SQL</summary><pre>(.*?)</pre>', page, re.S).group(1)
     psql = subprocess.run(

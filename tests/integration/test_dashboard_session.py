@@ -11,57 +11,20 @@ import uuid
 import pytest
 
 from asyncproc import keys
-from asyncproc.api import create_app
-from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 from asyncproc.dashboard.access import COOKIE
-from tests.support import wait_for
-
-TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def make_app(database_url: str, **api):
-    return create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(**api)))
-
-
-@pytest.fixture(scope="module")
-def guarded_app(database_url):
-    application = make_app(database_url, auth="required")
-    yield application
-    application.extensions["asyncproc"].close()
-
-
-@pytest.fixture(scope="module")
-def open_app(database_url):
-    application = make_app(database_url)
-    yield application
-    application.extensions["asyncproc"].close()
+from tests.support import CSRF_TOKEN, api_app, dashboard_sign_in, later_task, wait_for
 
 
 def dashboard_key(conn, role: str = "operate") -> str:
     return keys.create(conn, f"sess-{uuid.uuid4().hex[:12]}", role)
 
 
-def sign_in(client, key: str):
-    form = client.get("/dashboard/sign-in")
-    assert form.status_code == 200
-    token = TOKEN.search(form.get_data(as_text=True)).group(1)
-    return client.post("/dashboard/sign-in", data={"api_key": key, "csrf_token": token, "next": "/dashboard/tasks"})
-
-
 def token_of(client) -> str:
-    return TOKEN.search(client.get("/dashboard/workers").get_data(as_text=True)).group(1)
+    return CSRF_TOKEN.search(client.get("/dashboard/workers").get_data(as_text=True)).group(1)
 
 
 def session_cookie(client) -> str:
     return client.get_cookie(COOKIE, path="/dashboard").value
-
-
-def pending_task(conn) -> str:
-    row = conn.execute(
-        "INSERT INTO tasks (operation, payload, scheduled_at) VALUES ('sleep', '{}', now() + interval '1 hour')"
-        " RETURNING task_id"
-    ).fetchone()
-    return str(row["task_id"])
 
 
 # ------------------------------------------------------------------ sessions end
@@ -69,7 +32,7 @@ def pending_task(conn) -> str:
 
 def test_a_cookie_saved_before_sign_out_no_longer_works(guarded_app, conn):
     client = guarded_app.test_client()
-    assert sign_in(client, dashboard_key(conn)).status_code == 303
+    assert dashboard_sign_in(client, dashboard_key(conn)).status_code == 303
     saved = session_cookie(client)
     assert client.get("/dashboard/tasks").status_code == 200
     signed_out = client.post("/dashboard/sign-out", data={"csrf_token": token_of(client)})
@@ -83,24 +46,24 @@ def test_a_cookie_saved_before_sign_out_no_longer_works(guarded_app, conn):
 
 def test_a_read_key_may_sign_out(guarded_app, conn):
     client = guarded_app.test_client()
-    sign_in(client, dashboard_key(conn, "read"))
+    dashboard_sign_in(client, dashboard_key(conn, "read"))
     assert client.post("/dashboard/sign-out", data={"csrf_token": token_of(client)}).status_code == 303
     assert client.get("/dashboard/tasks").status_code == 302
 
 
 def test_sign_out_needs_the_sessions_csrf_token(guarded_app, conn):
     client = guarded_app.test_client()
-    sign_in(client, dashboard_key(conn))
+    dashboard_sign_in(client, dashboard_key(conn))
     assert client.post("/dashboard/sign-out").status_code == 403
     assert client.get("/dashboard/tasks").status_code == 200
 
 
 def test_a_session_idle_for_longer_than_the_idle_time_ends(database_url, conn):
-    application = make_app(database_url, auth="required", dashboard_idle_seconds=1)
+    application = api_app(database_url, auth="required", dashboard_idle_seconds=1)
     try:
         client = application.test_client()
         key = dashboard_key(conn)
-        sign_in(client, key)
+        dashboard_sign_in(client, key)
         assert client.get("/dashboard/tasks").status_code == 200
 
         def idle_past_the_limit() -> bool:
@@ -118,11 +81,11 @@ def test_a_session_idle_for_longer_than_the_idle_time_ends(database_url, conn):
 
 
 def test_a_session_in_use_ends_at_its_absolute_lifetime(database_url, conn):
-    application = make_app(database_url, auth="required", dashboard_session_max_seconds=2)
+    application = api_app(database_url, auth="required", dashboard_session_max_seconds=2)
     try:
         client = application.test_client()
         started = time.monotonic()
-        sign_in(client, dashboard_key(conn))
+        dashboard_sign_in(client, dashboard_key(conn))
         assert client.get("/dashboard/tasks").status_code == 200
         # Used without pause, so only the absolute lifetime can end it.
         wait_for(lambda: client.get("/dashboard/workers").status_code == 302, 20, "the session to end", interval=0.1)
@@ -132,14 +95,14 @@ def test_a_session_in_use_ends_at_its_absolute_lifetime(database_url, conn):
 
 
 def test_signing_in_prunes_expired_sessions(database_url, conn):
-    application = make_app(database_url, auth="required", dashboard_session_max_seconds=1)
+    application = api_app(database_url, auth="required", dashboard_session_max_seconds=1)
     try:
         first = application.test_client()
         key = dashboard_key(conn)
-        sign_in(first, key)
+        dashboard_sign_in(first, key)
         wait_for(lambda: first.get("/dashboard/workers").status_code == 302, 20, "the first session to end",
                  interval=0.1)
-        sign_in(application.test_client(), dashboard_key(conn))
+        dashboard_sign_in(application.test_client(), dashboard_key(conn))
         assert conn.execute(
             "SELECT count(*) AS n FROM asyncproc_dashboard_sessions WHERE key_id = %s", (keys.verify(conn, key).id,)
         ).fetchone()["n"] == 0
@@ -161,7 +124,7 @@ def test_a_sign_in_post_without_the_forms_token_is_refused(guarded_app, conn):
 
 def test_a_sign_in_post_from_another_site_is_refused_even_with_a_token(guarded_app, conn):
     client = guarded_app.test_client()
-    token = TOKEN.search(client.get("/dashboard/sign-in").get_data(as_text=True)).group(1)
+    token = CSRF_TOKEN.search(client.get("/dashboard/sign-in").get_data(as_text=True)).group(1)
     for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
         refused = client.post(
             "/dashboard/sign-in", data={"api_key": dashboard_key(conn), "csrf_token": token}, headers=headers
@@ -184,7 +147,7 @@ CSP_DIRECTIVES = {"default-src 'none'", "script-src 'self'", "style-src 'self'",
 
 def _pages(conn) -> list[str]:
     return [
-        "/dashboard", "/dashboard/tasks", f"/dashboard/tasks/{pending_task(conn)}", "/dashboard/operations",
+        "/dashboard", "/dashboard/tasks", f"/dashboard/tasks/{later_task(conn)}", "/dashboard/operations",
         "/dashboard/workers", "/dashboard/tasks/bulk?action=cancel&operation=sleep", "/dashboard/sign-in",
         "/dashboard/tasks?status=lost", f"/dashboard/tasks/{uuid.uuid4()}", "/dashboard/no-such-page",
     ]
@@ -253,7 +216,7 @@ def test_done_shows_only_what_the_bulk_action_wrote(open_app):
 
 def test_a_confirmed_count_that_is_not_plain_digits_is_a_400(open_app, conn):
     client = open_app.test_client()
-    token = TOKEN.search(client.get(f"/dashboard/tasks/{pending_task(conn)}").get_data(as_text=True)).group(1)
+    token = CSRF_TOKEN.search(client.get(f"/dashboard/tasks/{later_task(conn)}").get_data(as_text=True)).group(1)
     for confirmed in ("²", "9" * 5000):
         response = client.post("/dashboard/tasks/bulk", data={
             "csrf_token": token, "action": "cancel", "operation": "nothing-matches", "confirmed": confirmed})
