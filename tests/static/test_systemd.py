@@ -56,3 +56,10 @@ def test_the_api_unit_yields_the_cpu_to_the_worker_units():
     api = _unit(directory / "asyncproc-api.service")["Service"]
     worker = _unit(directory / "asyncproc-worker@.service")["Service"]
     assert int(api["CPUWeight"]) * 8 < int(worker.get("CPUWeight", "100"))
+
+
+def test_the_api_unit_listens_on_loopback_only_unless_access_control_is_required():
+    service = _unit(PROJECT_ROOT / "deploy" / "systemd" / "asyncproc-api.service")["Service"]
+    settings = Settings.from_env(dict(word.split("=", 1) for word in shlex.split(service.get("Environment", ""))))
+    host = settings.api.bind.rsplit(":", 1)[0]
+    assert host in ("127.0.0.1", "localhost", "[::1]") or settings.api.auth == "required", settings.api.bind
