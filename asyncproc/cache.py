@@ -164,7 +164,6 @@ class AsyncResultCache:
             log.info("REDIS_URL is not set: the results cache is off")
             return
         self._client = redis.asyncio.Redis.from_url(redis_url, **_client_options(socket_timeout))
-        self._put_if_newer = self._client.register_script(_PUT_IF_NEWER)
 
     async def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if self._client is None or not self._breaker.closed():
@@ -194,8 +193,10 @@ class AsyncResultCache:
             flush.add_done_callback(self._flushes.discard)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
+                # EVAL, not a registered script: a pipeline of those asks Redis
+                # SCRIPT EXISTS first, a second round trip per pipeline.
                 for (key, *args), _ in batch:
-                    await self._put_if_newer(keys=[key], args=args, client=pipe)
+                    pipe.eval(_PUT_IF_NEWER, 1, key, *args)
                 await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._breaker.failed("write", exc)
