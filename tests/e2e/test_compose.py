@@ -37,7 +37,7 @@ def test_compose_builds_and_serves_a_task(tmp_path):
     shutil.copy(project / ".env.example", project / ".env")
     port = free_port()
     # The API's published port, moved to a free one: the files stay as shipped.
-    (project / "compose.test.yml").write_text(f'services:\n  api:\n    ports: !override\n      - "{port}:8000"\n')
+    (project / "compose.test.yml").write_text(f'services:\n  api:\n    ports: !override\n      - "127.0.0.1:{port}:8000"\n')
     compose = ["docker", "compose", "-p", f"asyncproc-test-{uuid.uuid4().hex[:8]}", "-f", "docker-compose.yml", "-f", "compose.test.yml"]
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
