@@ -331,10 +331,12 @@ def sign_in():
         who = access.sign_in(request.form.get("api_key", ""))
     except access.UnknownKey as refused:
         return _page("sign_in.html", 401, next=target, error=str(refused), form_token=token)
+    log.info("dashboard: key %s signed in, role %s", who.key_id, who.role)
     return access.set_cookie(redirect(target, 303), who.csrf_token, who.session)
 
 
 @bp.post("/sign-out")
 def sign_out():
     access.sign_out(g.viewer)
+    log.info("dashboard: key %s signed out", g.viewer.key_id)
     return access.clear_cookie(redirect(url_for("dashboard.sign_in"), 303))
