@@ -24,6 +24,10 @@ from asyncproc import db, ledger, migrate
 from asyncproc.config import DatabaseSettings, Settings
 from tests.support import new_owner
 
+# Backlogs of 100,000 and 20,000 rows take half a minute or more to build on two
+# cores: the full suite's, not the fast one's.
+pytestmark = pytest.mark.full
+
 BACKLOG = 100_000
 _SCANNED_ROWS = re.compile(r"Scan[^\n]* on (?:tasks|procrastinate_jobs)\b[^\n]*\(actual rows=(\d+) loops=(\d+)\)")
 _NODE = re.compile(r"\s*->  ")

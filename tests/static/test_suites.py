@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.support import PROJECT_ROOT
 
 FULL_ONLY = ("tests/e2e/", "tests/faults/")
+NAMED = "tests/e2e/test_beside_up.py"
 
 
 def _collected(*args: str) -> tuple[list[str], str]:
@@ -20,19 +24,30 @@ def _collected(*args: str) -> tuple[list[str], str]:
     return [line.split("[")[0] for line in result.stdout.splitlines() if "::" in line], result.stdout
 
 
-def test_pytest_runs_the_fast_suite_and_pytest_full_runs_everything():
-    fast, report = _collected()
-    everything, _ = _collected("--full")
-    left_out = len(everything) - len(fast)
-    assert set(fast) <= set(everything) and left_out > 0
-    assert not [test for test in fast if test.startswith(FULL_ONLY)]
-    assert {test.split("/")[1] for test in everything if test not in fast} >= {"e2e", "faults"}
+def _counts(report: str) -> tuple[int, int]:
+    """(selected, collected) from pytest's "N/M tests collected (K deselected)"."""
+    found = re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", report)
+    assert found and int(found[1]) + int(found[3]) == int(found[2]), report
+    return int(found[1]), int(found[2])
+
+
+def test_pytest_leaves_the_full_suite_out_but_runs_a_file_named_on_the_command_line():
+    fast, report = _collected("tests", NAMED)
+    assert {test.split("::")[0] for test in fast if test.startswith(FULL_ONLY)} == {NAMED}
     # The slowest integration tests are the full suite's too.
-    assert "tests/integration/test_reporting_scale.py" not in {test.split("::")[0] for test in fast}
-    assert f"{len(fast)}/{len(everything)} tests collected ({left_out} deselected)" in report
-    assert f"{left_out} tests of the full suite" in report and "pytest --full" in report
+    assert not {"tests/integration/test_reporting_scale.py", "tests/integration/test_plans.py"} & {
+        test.split("::")[0] for test in fast
+    }
+    selected, collected = _counts(report)
+    assert selected == len(fast) and collected - selected > 100
+    assert f"{collected - selected} tests of the full suite" in report and "pytest --full" in report
 
 
-def test_a_test_file_named_on_the_command_line_runs_whole_without_full():
-    named, _ = _collected("tests/e2e/test_beside_up.py")
-    assert named == ["tests/e2e/test_beside_up.py::test_the_tests_beside_a_running_up_leave_its_database_alone"]
+@pytest.mark.full
+def test_pytest_full_runs_every_test_pytest_collects():
+    fast, report = _collected()
+    everything, full_report = _collected("--full")
+    assert set(fast) < set(everything)
+    assert len(everything) == _counts(report)[1]
+    assert "deselected" not in full_report
+    assert {test.split("/")[1] for test in everything if test not in fast} >= {"e2e", "faults"}
