@@ -198,6 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--peer", action="append", choices=["procrastinate", "pgqueuer", "oban", "celery"],
                        help="with --peers: only this peer (repeatable; default all)")
     bench.add_argument("--docs", metavar="FILE", help="with --peers: also put the report into FILE's peers section")
+    bench.add_argument("--profile", action="store_true",
+                       help="instead: where one task's time goes, by process, statement and worker step (docs/performance.md)")
     return parser
 
 
@@ -330,6 +332,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             from asyncproc.bench import dashboard as dashboard_bench
 
             return dashboard_bench.run(settings, rows=args.dashboard)
+        if args.profile:
+            from asyncproc.bench import profile
+
+            return profile.run(settings, quick=args.quick)
         if args.peers:
             from asyncproc.bench.peers import compare
 

@@ -94,11 +94,13 @@ class EmbeddedPostgres:
         port: int | None = None,
         host: str = "127.0.0.1",
         wrapper: tuple[str, ...] = (),
+        server_settings: dict[str, str] | None = None,
     ):
         """`port` None: the port kept in the data directory, or a free one at the
         first start, which is then kept there for later starts. `wrapper` runs
         the server under a command, such as `ip netns exec NAME` to serve
-        another network namespace on its address `host`."""
+        another network namespace on its address `host`. `server_settings` are
+        passed to the server as `-c NAME=VALUE`."""
         self.base_dir = Path(base_dir).resolve()
         self.host = host
         self.wrapper = wrapper
@@ -106,6 +108,7 @@ class EmbeddedPostgres:
         self.logfile = self.base_dir / "postgres.log"
         self.portfile = self.base_dir / "port"
         self.durable = durable
+        self.server_settings = dict(server_settings or {})
         self.port = port if port is not None else _read_port(self.portfile)
         self.pid: int | None = None
         self.reused = False
@@ -203,6 +206,7 @@ class EmbeddedPostgres:
         }
         if not self.durable:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        settings.update(self.server_settings)
         command = [*self.wrapper, *prefix, str(self._bindir / "postgres"), "-D", str(self.pgdata), "-p", str(port)]
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]

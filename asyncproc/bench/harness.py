@@ -35,8 +35,11 @@ BACKLOG_REQUEST_ID = "bench-backlog"
 class Harness:
     """Owns every process and database the benchmark starts, and removes them in close()."""
 
-    def __init__(self, settings: Settings, concurrency: int, server_url: str | None = None):
+    def __init__(self, settings: Settings, concurrency: int, server_url: str | None = None,
+                 server_settings: dict[str, str] | None = None):
+        """`server_settings` go to the embedded PostgreSQL it starts when there is no server_url or DATABASE_URL."""
         self.settings = settings
+        self.server_settings = server_settings
         self.concurrency = concurrency
         self.workdir = Path(tempfile.mkdtemp(prefix="asyncproc-bench-"))
         self._embedded: EmbeddedPostgres | None = None
@@ -55,7 +58,7 @@ class Harness:
             self._server_url = self.settings.db.url
         elif self._server_url is None:
             # Durable: fsync and synchronous_commit stay on, as in production.
-            self._embedded = EmbeddedPostgres(self.workdir / "postgres", durable=True)
+            self._embedded = EmbeddedPostgres(self.workdir / "postgres", durable=True, server_settings=self.server_settings)
             self._embedded.start()
             self._server_url = self._embedded.admin_url()
         name = f"asyncproc_bench_{uuid.uuid4().hex[:8]}"
@@ -143,10 +146,13 @@ class Harness:
             env["REDIS_URL"] = self.redis_url
         return env
 
-    def _spawn(self, arguments: list[str], label: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, arguments: list[str], label: str, env: dict[str, str] | None = None,
+               profile: Path | None = None) -> subprocess.Popen:
+        """`profile`: run the process under cProfile, which writes its statistics there when it exits."""
+        python = [sys.executable] if profile is None else [sys.executable, "-m", "cProfile", "-o", str(profile)]
         with open(self.workdir / f"{label}.log", "ab") as logfile:
             return subprocess.Popen(
-                [sys.executable, "-m", "asyncproc.cli", *arguments],
+                [*python, "-m", "asyncproc.cli", *arguments],
                 env={**self._env(), **(env or {})},
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
@@ -167,8 +173,10 @@ class Harness:
     def _registered_workers(self) -> int:
         return self.conn.execute("SELECT count(*) AS n FROM procrastinate_workers").fetchone()["n"]
 
-    def start_workers(self, count: int, plain: bool = False) -> list[subprocess.Popen]:
-        """Start `count` worker processes and wait until each has registered with Procrastinate."""
+    def start_workers(self, count: int, plain: bool = False, profile_dir: Path | None = None) -> list[subprocess.Popen]:
+        """Start `count` worker processes and wait until each has registered with Procrastinate.
+
+        `profile_dir`: each worker runs under cProfile and writes worker-N.prof there when it stops."""
         before = self._registered_workers()
         processes = []
         for index in range(count):
@@ -184,7 +192,10 @@ class Harness:
                         )
                     )
             else:
-                processes.append(self._spawn(["worker", "--concurrency", str(self.concurrency)], f"worker-{index}"))
+                profile = profile_dir / f"worker-{index}.prof" if profile_dir is not None else None
+                processes.append(
+                    self._spawn(["worker", "--concurrency", str(self.concurrency)], f"worker-{index}", profile=profile)
+                )
 
         def registered() -> bool:
             for process in processes:
