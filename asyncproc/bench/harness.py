@@ -148,11 +148,11 @@ class Harness:
 
     def _spawn(self, arguments: list[str], label: str, env: dict[str, str] | None = None,
                profile: Path | None = None) -> subprocess.Popen:
-        """`profile`: run the process under cProfile, which writes its statistics there when it exits."""
-        python = [sys.executable] if profile is None else [sys.executable, "-m", "cProfile", "-o", str(profile)]
+        """`profile`: run the process under cProfile, by CPU time, which writes its statistics there when it exits."""
+        python = [sys.executable, "-m"] if profile is None else [sys.executable, "-m", "asyncproc.bench.cpu_profile", str(profile)]
         with open(self.workdir / f"{label}.log", "ab") as logfile:
             return subprocess.Popen(
-                [*python, "-m", "asyncproc.cli", *arguments],
+                [*python, "asyncproc.cli", *arguments],
                 env={**self._env(), **(env or {})},
                 stdout=logfile,
                 stderr=subprocess.STDOUT,

@@ -13,9 +13,10 @@ them, once per handler isolation, and for each:
   pg_stat_statements; a server given by DATABASE_URL is used as it is, and
   the statement table says when it does not have it;
 - the worker's CPU by step and by library, from a further drain of the async
-  handler with the workers under cProfile. cProfile slows Python code, so the
-  table gives each step's share of the profiled worker's CPU, and the time it
-  stands for in the unprofiled drain's CPU per task.
+  handler with the workers under cProfile timed by their main thread's CPU
+  clock (asyncproc/bench/cpu_profile.py). cProfile slows Python code, so the
+  table gives each step's share of the profiled CPU, and the time it stands
+  for in the unprofiled drain's CPU per task.
 """
 
 from __future__ import annotations
