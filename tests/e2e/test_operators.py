@@ -13,6 +13,7 @@ import requests
 
 from asyncproc.embedded import find_bindir
 from tests.conftest import wait_for
+from tests.support import bare_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,7 @@ def psql(database_url: str, sql: str) -> str:
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", *args],
-        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+        env=bare_env(DATABASE_URL=database_url), capture_output=True, text=True,
     )
 
 

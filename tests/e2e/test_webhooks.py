@@ -18,6 +18,7 @@ from asyncproc import keys
 from asyncproc.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, _start, service_env, start_service, stop_service
+from tests.support import bare_env
 
 pytestmark = pytest.mark.e2e
 
@@ -216,7 +217,7 @@ def test_keys_create_prints_the_keys_webhook_secret(database_url, conn):
     name = f"cli-hooks-{uuid.uuid4().hex[:8]}"
     created = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "keys", "create", name],
-        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+        env=bare_env(DATABASE_URL=database_url),
         capture_output=True,
         text=True,
     )

@@ -15,6 +15,7 @@ from asyncproc.api import create_app
 from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 
 from tests.conftest import wait_for
+from tests.support import bare_env
 
 RATE = 0.01  # one token per 100 s: nothing refills during a test
 BURST = 3
@@ -163,7 +164,7 @@ def test_the_keys_cli_prints_a_key_once_lists_and_revokes(database_url):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "asyncproc.cli", "keys", *args],
-            env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+            env=bare_env(DATABASE_URL=database_url),
             capture_output=True,
             text=True,
         )

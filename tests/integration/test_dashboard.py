@@ -13,7 +13,7 @@ import pytest
 from asyncproc import keys
 from asyncproc.config import WorkerSettings
 from asyncproc.embedded import find_bindir
-from tests.support import CSRF_TOKEN, PROJECT_ROOT, dashboard_sign_in, later_task
+from tests.support import CSRF_TOKEN, PROJECT_ROOT, bare_env, dashboard_sign_in, later_task
 
 def new_key(conn, role: str | None, name: str | None = None) -> str:
     return keys.create(conn, name or f"dash-{uuid.uuid4().hex[:12]}", role)
@@ -148,7 +148,7 @@ def test_keys_cli_grants_a_dashboard_role(database_url, conn):
     name = f"cli-{uuid.uuid4().hex[:10]}"
     created = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "keys", "create", name, "--dashboard", "read"],
-        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
+        env=bare_env(DATABASE_URL=database_url), capture_output=True, text=True, check=True,
     )
     assert created.stdout.startswith("apk_")
     assert conn.execute("SELECT dashboard_role FROM api_keys WHERE name = %s", (name,)).fetchone() == {"dashboard_role": "read"}

@@ -14,6 +14,7 @@ import pytest
 
 from asyncproc import db, migrate
 from asyncproc.config import Settings
+from tests.support import bare_env
 
 MIGRATIONS = Settings().migrations_dir
 
@@ -164,7 +165,7 @@ def test_migrate_without_migrations_fails_in_one_line_and_touches_nothing(empty_
     url = empty_database()
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "migrate"],
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": url, "ASYNCPROC_MIGRATIONS_DIR": str(directory)},
+        env=bare_env(DATABASE_URL=url, ASYNCPROC_MIGRATIONS_DIR=str(directory)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,6 +15,7 @@ from asyncproc import keys, ratelimit
 from asyncproc.api import create_app
 from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 from asyncproc.quotas import Quota
+from tests.support import bare_env
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def limited_key(conn, database_url):
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", "keys", "limit", name,
          "--max-active", "3", "--max-priority", "10", "--max-batch", "2", "--max-timeout-seconds", "60"],
-        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+        env=bare_env(DATABASE_URL=database_url), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "max_active_tasks=3" in result.stdout

@@ -73,7 +73,7 @@ def test_an_operation_with_an_invalid_input_schema_stops_start_up_in_one_line_na
     )
     result = subprocess.run(
         [sys.executable, "-m", "asyncproc.cli", command],
-        env={"PATH": "/usr/bin:/bin", "ASYNCPROC_OPERATIONS_MODULE": "badschema_ops", "ASYNCPROC_DATA_DIR": str(tmp_path)},
+        env=bare_env(ASYNCPROC_OPERATIONS_MODULE="badschema_ops", ASYNCPROC_DATA_DIR=str(tmp_path)),
         cwd=tmp_path,
         capture_output=True,
         text=True,
