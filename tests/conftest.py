@@ -9,7 +9,8 @@ exactly as `asyncproc up` does on a fresh machine.
 `pytest` runs the fast suite; `pytest --full` adds the tests marked `full`:
 everything under tests/e2e and tests/faults (the bench and the browser tests
 among them), and the slowest integration tests. A test file named on the
-command line runs whole, --full or not.
+command line runs whole, --full or not, and a marker expression (`-m faults`)
+chooses its tests itself.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(tests_dir) and item.path.relative_to(tests_dir).parts[0] in FULL_DIRECTORIES:
             item.add_marker(pytest.mark.full)
-    if config.getoption("--full"):
+    if config.getoption("--full") or config.getoption("markexpr"):
         return
     named = _named_files(config)
     kept, deselected = [], []

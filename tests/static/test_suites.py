@@ -43,6 +43,14 @@ def test_pytest_leaves_the_full_suite_out_but_runs_a_file_named_on_the_command_l
     assert f"{collected - selected} tests of the full suite" in report and "pytest --full" in report
 
 
+
+def test_a_marker_expression_chooses_for_itself():
+    # docs/reliability.md: `pytest -m faults` runs the fault tests.
+    faults, report = _collected("-m", "faults", "tests/faults")
+    assert faults and all(test.startswith("tests/faults/") for test in faults)
+    assert "pytest --full" not in report
+
+
 @pytest.mark.full
 def test_pytest_full_runs_every_test_pytest_collects():
     fast, report = _collected()
