@@ -33,6 +33,10 @@ COOL_DOWN_SECONDS = 1.0
 TOMBSTONE_TTL_SECONDS = 60
 # The most writes one pipeline carries to Redis.
 MAX_PIPELINE = 500
+# How long the worker gathers cache writes before it sends them.
+LINGER_SECONDS = 0.005
+# The most writes that wait for Redis; more are dropped.
+MAX_WAITING = 20_000
 # KEYS[1]: the entry; ARGV: version, document ("" for a tombstone), ttl.
 _PUT_IF_NEWER = """
 local current = redis.call('HGET', KEYS[1], 'v')
@@ -145,21 +149,30 @@ class ResultCache:
 
 
 class AsyncResultCache:
-    """The worker's writes to the same cache, on its event loop: no thread hop per call.
+    """The worker's writes to the same cache, on its event loop, written behind.
 
-    Writes made in the same turn of the loop go to Redis in one pipeline: a
-    worker starts and finishes its tasks in bursts (worker/app.py fetches one
-    job per free slot, worker/completer.py records outcomes in batches), and a
-    round trip per write was a fifth of a worker's CPU in a drain of no-op
-    tasks. Each caller still returns only once its own write is done.
+    A write is queued and the caller goes on: the writes of the next few
+    milliseconds go to Redis in one pipeline. No run waits for the cache,
+    which only ever holds a copy: a read that comes before a put lands misses
+    and reads PostgreSQL, and the version rule orders writes whenever they
+    land. A drain of no-op tasks spent a fifth of a worker's CPU in one Redis
+    round trip per write, then, with the writes of one turn of the loop
+    pipelined, still 18 %: runs start and finish a few at a time, and most
+    pipelines carried one write.
+
+    While Redis does not answer, puts are skipped (the breaker) and at most
+    MAX_WAITING writes wait; beyond that a write is dropped, and logged once:
+    a dropped invalidation leaves a stale entry until its TTL, as when the
+    cache is down (asyncproc/cache.py's module docstring).
     """
 
     def __init__(self, redis_url: str | None, ttl_seconds: int, socket_timeout: float = 0.25):
         self.ttl_seconds = ttl_seconds
         self._client: redis.asyncio.Redis | None = None
         self._breaker = _Breaker()
-        self._waiting: list[tuple[list, asyncio.Future]] = []
-        self._flushes: set[asyncio.Task] = set()
+        self._waiting: list[list] = []
+        self._writer: asyncio.Task | None = None
+        self._dropping = False
         if redis_url is None:
             log.info("REDIS_URL is not set: the results cache is off")
             return
@@ -168,45 +181,52 @@ class AsyncResultCache:
     async def put(self, task_id: UUID, document: bytes, updated_at: datetime) -> None:
         if self._client is None or not self._breaker.closed():
             return
-        await self._put(task_id, version_of(updated_at), document, self.ttl_seconds)
+        self._queue(task_id, version_of(updated_at), document, self.ttl_seconds)
 
     async def invalidate(self, task_id: UUID, version: int) -> None:
         if self._client is not None:
-            await self._put(task_id, version - 1, b"", TOMBSTONE_TTL_SECONDS)
+            self._queue(task_id, version - 1, b"", TOMBSTONE_TTL_SECONDS)
 
-    async def _put(self, task_id: UUID, version: int, document: bytes, ttl: int) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append(([KEY_PREFIX + str(task_id), version, document, ttl], future))
-        if len(self._waiting) == 1:
-            flush = asyncio.create_task(self._flush(), name="result-cache")
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
-        await asyncio.shield(future)
+    async def flush(self) -> None:
+        """Return once every write queued so far has been tried."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
 
-    async def _flush(self) -> None:
-        # One turn of the loop lets every run that is ready add its write.
-        await asyncio.sleep(0)
-        batch, self._waiting = self._waiting[:MAX_PIPELINE], self._waiting[MAX_PIPELINE:]
-        if self._waiting:
-            flush = asyncio.create_task(self._flush(), name="result-cache")
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
+    def _queue(self, task_id: UUID, version: int, document: bytes, ttl: int) -> None:
+        if len(self._waiting) >= MAX_WAITING:
+            if not self._dropping:
+                log.warning("results cache: %s writes waiting for Redis; dropping writes until it catches up", MAX_WAITING)
+            self._dropping = True
+            return
+        self._dropping = False
+        self._waiting.append([KEY_PREFIX + str(task_id), version, document, ttl])
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_behind(), name="result-cache")
+
+    async def _write_behind(self) -> None:
+        try:
+            while self._waiting:
+                await asyncio.sleep(LINGER_SECONDS)
+                batch = self._waiting[:MAX_PIPELINE]
+                del self._waiting[:MAX_PIPELINE]
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[list]) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 # EVAL, not a registered script: a pipeline of those asks Redis
                 # SCRIPT EXISTS first, a second round trip per pipeline.
-                for (key, *args), _ in batch:
+                for key, *args in batch:
                     pipe.eval(_PUT_IF_NEWER, 1, key, *args)
                 await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._breaker.failed("write", exc)
         else:
             self._breaker.succeeded()
-        finally:
-            for _, future in batch:
-                if not future.done():
-                    future.set_result(None)
 
     async def close(self) -> None:
         if self._client is not None:
+            await self.flush()
             await self._client.aclose()

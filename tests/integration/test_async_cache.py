@@ -1,8 +1,9 @@
-"""The worker's cache writes, gathered into one Redis pipeline per turn of its loop."""
+"""The worker's cache writes: written behind, gathered into one Redis pipeline, never waited for."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -12,7 +13,7 @@ from asyncproc.embedded import free_port
 T1 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
-def test_writes_made_together_are_each_done_when_their_caller_returns(redis_url):
+def test_every_write_is_in_redis_once_flushed(redis_url):
     reader = ResultCache(redis_url, 60)
     ids = [uuid.uuid4() for _ in range(1200)]
 
@@ -20,7 +21,7 @@ def test_writes_made_together_are_each_done_when_their_caller_returns(redis_url)
         cache = AsyncResultCache(redis_url, 60)
         try:
             await asyncio.gather(*(cache.put(task_id, f'"{task_id}"'.encode(), T1) for task_id in ids))
-            # What each caller saw when its call returned, read before anything else runs.
+            await cache.flush()
             return [reader.get(task_id) for task_id in ids]
         finally:
             await cache.close()
@@ -35,10 +36,9 @@ def test_a_put_gathered_with_a_newer_invalidation_keeps_the_version_rule(redis_u
     async def main() -> None:
         cache = AsyncResultCache(redis_url, 60)
         try:
-            await asyncio.gather(
-                cache.invalidate(task_id, version_of(T1 + timedelta(seconds=1))),
-                cache.put(task_id, b'{"status":"failed"}', T1),
-            )
+            await cache.invalidate(task_id, version_of(T1 + timedelta(seconds=1)))
+            await cache.put(task_id, b'{"status":"failed"}', T1)
+            await cache.flush()
         finally:
             await cache.close()
 
@@ -57,3 +57,36 @@ def test_a_cache_that_does_not_answer_never_fails_its_callers():
             await cache.close()
 
     asyncio.run(main())
+
+
+def test_a_write_never_waits_for_redis():
+    """A Redis that accepts connections and never answers: the callers go on at once; close() gives up after the socket timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    async def main() -> None:
+        cache = AsyncResultCache(f"redis://127.0.0.1:{port}/0", 60, socket_timeout=0.5)
+        try:
+            # Well within the socket timeout: neither call touched the network.
+            await asyncio.wait_for(cache.invalidate(uuid.uuid4(), 5), timeout=0.25)
+            await asyncio.wait_for(cache.put(uuid.uuid4(), b"{}", T1), timeout=0.25)
+        finally:
+            await asyncio.wait_for(cache.close(), timeout=10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close()
+
+
+def test_a_close_writes_what_is_still_queued(redis_url):
+    reader = ResultCache(redis_url, 60)
+    task_id = uuid.uuid4()
+
+    async def main() -> None:
+        cache = AsyncResultCache(redis_url, 60)
+        await cache.put(task_id, b'{"status":"completed"}', T1)
+        await cache.close()
+
+    asyncio.run(main())
+    assert reader.get(task_id) == b'{"status":"completed"}'
