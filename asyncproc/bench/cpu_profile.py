@@ -1,4 +1,4 @@
-"""`python -m asyncproc.bench.cpu_profile OUT MODULE ARGS...`: run MODULE as __main__ under cProfile, timed by CPU.
+"""`python -m asyncproc.bench.cpu_profile OUT ARGS...`: `asyncproc ARGS...` under cProfile, timed by CPU.
 
 `python -m cProfile` times by the wall clock. On a busy two-core machine a
 send() on a local socket wakes its reader, which may take the core at once,
@@ -10,25 +10,21 @@ thread's CPU clock counts only what that thread computed.
 from __future__ import annotations
 
 import cProfile
-import runpy
 import sys
 import time
 
+from asyncproc import cli
+
 
 def main() -> int:
-    out, module, *arguments = sys.argv[1:]
-    sys.argv = [module, *arguments]
+    out, *arguments = sys.argv[1:]
     profiler = cProfile.Profile(time.thread_time)
-    code = 0
     profiler.enable()
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        return cli.main(arguments)
     finally:
         profiler.disable()
         profiler.dump_stats(out)
-    return code
 
 
 if __name__ == "__main__":

@@ -149,10 +149,10 @@ class Harness:
     def _spawn(self, arguments: list[str], label: str, env: dict[str, str] | None = None,
                profile: Path | None = None) -> subprocess.Popen:
         """`profile`: run the process under cProfile, by CPU time, which writes its statistics there when it exits."""
-        python = [sys.executable, "-m"] if profile is None else [sys.executable, "-m", "asyncproc.bench.cpu_profile", str(profile)]
+        command = ["asyncproc.cli"] if profile is None else ["asyncproc.bench.cpu_profile", str(profile)]
         with open(self.workdir / f"{label}.log", "ab") as logfile:
             return subprocess.Popen(
-                [*python, "asyncproc.cli", *arguments],
+                [sys.executable, "-m", *command, *arguments],
                 env={**self._env(), **(env or {})},
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
