@@ -93,13 +93,28 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
     lease = Lease(settings.db, settings.worker, fence)
     lease.deadline_sinks.append(processes.set_lease_deadline)
     stopping = asyncio.Event()
+    # Signals that come before the worker can stop gracefully: each is kept,
+    # and acted on once it can (request_stop below), never dropped.
+    requested: list[int] = []
+
+    def stop_before_start(signum: int) -> None:
+        requested.append(signum)
+        lease.stop_acquiring()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lease.stop_acquiring)
+        loop.add_signal_handler(signum, stop_before_start, signum)
     try:
         await asyncio.to_thread(lease.acquire)
     except LeaseLost:
         log.info("worker stopped before it started")
         return 0
+    if requested:
+        # Asked to stop while the registration was under way: it ended by registering.
+        lease.release()
+        log.info("worker stopped before it started")
+        return 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, requested.append, signum)
     lease.start()
     pool = db.async_pool(settings.db, "asyncproc-worker", min(concurrency, settings.db.pool_size) + 2)
     await pool.open(wait=False)
@@ -128,6 +143,8 @@ async def _serve(settings: Settings, concurrency: int, executor: ThreadPoolExecu
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
+    for signum in requested:
+        request_stop(signum)
 
     loops = [
         (LoopHealth("sweep"), lambda: _sweep(settings.worker, pool), sweep_period(settings.worker)),
