@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from asyncproc.bench.harness import Harness
@@ -104,14 +105,14 @@ def run(settings: Settings, quick: bool = False, out: TextIO = sys.stdout) -> in
 
 
 def _statements_available(h: Harness) -> bool:
+    """Turn on the statistics of functions, and of statements where the server loads pg_stat_statements."""
     with closing(psycopg.connect(h.database_url, autocommit=True)) as conn:
-        loaded = conn.execute("SHOW shared_preload_libraries").fetchone()[0]
-        if "pg_stat_statements" not in loaded:
+        name = sql.Identifier(conn.info.dbname)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(name))
+        if "pg_stat_statements" not in conn.execute("SHOW shared_preload_libraries").fetchone()[0]:
             return False
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        name = conn.info.dbname
-        conn.execute(f'ALTER DATABASE "{name}" SET pg_stat_statements.track = \'all\'')
-        conn.execute(f'ALTER DATABASE "{name}" SET track_functions = \'all\'')
+        conn.execute(sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'all'").format(name))
     return True
 
 
