@@ -29,7 +29,7 @@ PAGES = [
 ]
 _DURATION = re.compile(r"dur=([0-9.]+)")
 _NEXT = re.compile(r'id="next-page" href="([^"]+)"')
-_TASK = re.compile(r'class="task-link" href="([^"]+)"')
+_TASK = re.compile(r'class="task-link[^"]*" href="([^"]+)"')
 
 
 def _get(connection: http.client.HTTPConnection, path: str) -> tuple[float, float, str]:
