@@ -55,14 +55,15 @@ SERVER_SETTINGS = {
 TOP_STATEMENTS = 15
 TOP_FUNCTIONS = 12
 US = 1000.0
-# The worker's steps, by the function whose cumulative time is the step's.
+# The worker's steps, by the function whose cumulative time is the step's. Each
+# runs in a coroutine of its own, so the rows do not contain one another.
 STEPS = {
-    "fetch (one statement per free slot's worth)": ("worker/app.py", "fetch_job"),
-    "a run, from claim to outcome (below: its parts)": ("worker/runner.py", "_run_claimed"),
-    "  outcome writes (batched completions)": ("worker/runner.py", "_write_completions"),
-    "  results cache writes (one pipeline per burst)": ("asyncproc/cache.py", "_flush"),
-    "  process pool round trip": ("worker/pool.py", "run"),
-    "Procrastinate's loop, per job, our run included": ("procrastinate/worker.py", "_process_job"),
+    "fetch (a statement per free slots' worth)": ("worker/app.py", "fetch_job"),
+    "a run, from the claimed row to its outcome queued": ("worker/runner.py", "_run_claimed"),
+    "outcome writes (the completer's batches)": ("worker/completer.py", "_flush"),
+    "results cache writes (written behind)": ("asyncproc/cache.py", "_write_behind"),
+    "process pool round trip (within a run)": ("worker/pool.py", "run"),
+    "Procrastinate's loop, per job (a run included)": ("procrastinate/worker.py", "_process_job"),
 }
 # Self time by where the code lives.
 LIBRARIES = {

@@ -35,7 +35,7 @@ def test_bench_profile_quick_reports_each_table(tmp_path):
         assert "| top level | calls/task | µs/task | statement |" in report
         assert "UPDATE tasks SET status" in report, report
     assert re.search(r"^\| asyncproc_claim_on_fetch \| 1\.00 \|", report, re.M), report
-    for step in ("fetch (one statement per free slot's worth)", "  outcome writes (batched completions)",
-                 "  results cache writes (one pipeline per burst)", "Procrastinate's loop, per job, our run included"):
+    for step in ("fetch (a statement per free slots' worth)", "outcome writes (the completer's batches)",
+                 "results cache writes (written behind)", "Procrastinate's loop, per job (a run included)"):
         assert re.search(rf"^\| {re.escape(step)} \| \d+% \| \d+ \|", report, re.M), f"no step {step!r}:\n{report}"
     assert re.search(r"^\| psycopg \(PostgreSQL client\) \| \d+% \| \d+ \|", report, re.M), report
