@@ -198,5 +198,6 @@ def test_apis_and_workers_on_three_hosts_share_one_postgresql(network, tmp_path)
 def _healthy(api: str) -> bool:
     try:
         return requests.get(f"{api}/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
+        # Not listening yet, or still starting on a busy machine: look again.
         return False
