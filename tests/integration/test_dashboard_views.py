@@ -6,27 +6,6 @@ import json
 
 import pytest
 
-from asyncproc.api import create_app
-from asyncproc.config import ApiSettings, DatabaseSettings, Settings
-
-
-def app_with(database_url: str, **api):
-    return create_app(Settings(db=DatabaseSettings(url=database_url), api=ApiSettings(**api)))
-
-
-@pytest.fixture(scope="module")
-def guarded_app(database_url):
-    application = app_with(database_url, auth="required")
-    yield application
-    application.extensions["asyncproc"].close()
-
-
-@pytest.fixture(scope="module")
-def open_app(database_url):
-    application = app_with(database_url)
-    yield application
-    application.extensions["asyncproc"].close()
-
 
 @pytest.mark.parametrize(
     ("path", "next_path"),
