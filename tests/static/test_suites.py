@@ -32,14 +32,16 @@ def _counts(report: str) -> tuple[int, int]:
 
 
 def test_pytest_leaves_the_full_suite_out_but_runs_a_file_named_on_the_command_line():
-    fast, report = _collected("tests", NAMED)
+    # No argument inside another: pytest 8.4, the lowest setup.cfg allows, given `tests` and a file
+    # under it, collected the file alone.
+    fast, report = _collected("tests/unit", "tests/integration", "tests/static", "tests/faults", NAMED)
     assert {test.split("::")[0] for test in fast if test.startswith(FULL_ONLY)} == {NAMED}
     # The slowest integration tests are the full suite's too.
     assert not {"tests/integration/test_reporting_scale.py", "tests/integration/test_plans.py"} & {
         test.split("::")[0] for test in fast
     }
     selected, collected = _counts(report)
-    assert selected == len(fast) and collected - selected > 100
+    assert selected == len(fast) and collected - selected > 50
     assert f"{collected - selected} tests of the full suite" in report and "pytest --full" in report
 
 
