@@ -21,7 +21,7 @@ import pytest
 from flask import Flask
 from psycopg.rows import dict_row
 
-from asyncproc import db, keys
+from asyncproc import db, keys, migrate
 from asyncproc.api import create_app
 from asyncproc.config import ApiSettings, DatabaseSettings, Settings
 # The bench ships the one copy; the tests use it as wait_for (tests.conftest.wait_for too).
@@ -336,3 +336,11 @@ def later_task(conn) -> str:
         " RETURNING task_id"
     ).fetchone()
     return str(row["task_id"])
+
+
+def migrated_database(empty_database) -> str:
+    """A new database from the `empty_database` fixture's factory, with every migration applied."""
+    url = empty_database()
+    with db.connect(url) as conn:
+        migrate.apply_all(conn, Settings().migrations_dir)
+    return url

@@ -17,10 +17,10 @@ from typing import Iterator
 import pytest
 import requests
 
-from asyncproc import db, migrate
-from asyncproc.config import Settings
+from asyncproc import db
 from tests.conftest import wait_for
 from tests.e2e.conftest import Service, start_service, stop_service
+from tests.support import migrated_database
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -34,10 +34,7 @@ SCREENSHOTS = os.environ.get("ASYNCPROC_TEST_SCREENSHOTS")
 @pytest.fixture(scope="module")
 def dashboard_db(empty_database) -> str:
     """A database of the module's own, so that counts and lists are this module's tasks only."""
-    url = empty_database()
-    with db.connect(url) as conn:
-        migrate.apply_all(conn, Settings().migrations_dir)
-    return url
+    return migrated_database(empty_database)
 
 
 @pytest.fixture

@@ -15,21 +15,12 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from asyncproc import db, migrate
-from asyncproc.config import Settings
-from tests.support import bare_env, connect
-
-
-def _migrated(empty_database) -> str:
-    url = empty_database()
-    with db.connect(url) as conn:
-        migrate.apply_all(conn, Settings().migrations_dir)
-    return url
+from tests.support import bare_env, connect, migrated_database
 
 
 @pytest.fixture(scope="module")
 def fresh_url(empty_database) -> str:
-    return _migrated(empty_database)
+    return migrated_database(empty_database)
 
 
 def asyncproc(directory: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -82,7 +73,7 @@ def test_status_with_nothing_running_says_not_running(tmp_path):
 
 
 def test_empty_lists_say_so(empty_database, tmp_path):
-    url = _migrated(empty_database)
+    url = migrated_database(empty_database)
     answers = {
         ("keys", "list"): "no API keys: `asyncproc keys create NAME` makes one",
         ("schedules", "list"): "no schedules: `asyncproc schedules add` makes one",

@@ -11,18 +11,16 @@ from psycopg.rows import dict_row
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncproc import db, migrate
+from asyncproc import db
 from asyncproc.api import create_app
 from asyncproc.config import DatabaseSettings, Settings
 from tests.conftest import WORKER_OPTIONS, free_port
+from tests.support import migrated_database
 
 
 @pytest.fixture(scope="module")
 def idle_database(empty_database) -> str:
-    url = empty_database()
-    with db.connect(url) as conn:
-        migrate.apply_all(conn, Settings().migrations_dir)
-    return url
+    return migrated_database(empty_database)
 
 
 @pytest.fixture(scope="module")

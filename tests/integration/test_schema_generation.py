@@ -21,7 +21,7 @@ import pytest
 from asyncproc import db, migrate
 from asyncproc.config import Settings
 from asyncproc.embedded import free_port
-from tests.support import connect, insert_task, task_row, wait_for
+from tests.support import connect, insert_task, migrated_database, task_row, wait_for
 
 CODE = migrate.CODE_GENERATION
 SCHEMA_FILE = Settings().migrations_dir / "current" / "05_schema_generation.sql"
@@ -29,10 +29,7 @@ SCHEMA_FILE = Settings().migrations_dir / "current" / "05_schema_generation.sql"
 
 @pytest.fixture(scope="module")
 def schema_url(empty_database) -> str:
-    url = empty_database()
-    with db.connect(url) as conn:
-        migrate.apply_all(conn, Settings().migrations_dir)
-    return url
+    return migrated_database(empty_database)
 
 
 @pytest.fixture
